@@ -1,0 +1,76 @@
+"""`cifar-ray` console script; the jobs/ scripts call the same subcommands.
+
+    cifar-ray prepare-data --source folder --source-uri ../shared/data/cifar10-train-jpeg.tar.gz
+    cifar-ray train --smoke
+    cifar-ray evaluate results/smoke/checkpoint-p2-e000 --split test
+
+Flags come from the config dataclasses (config.py): `cifar-ray train --help` lists them all.
+Errors in input (ValueError and our storage/data errors) print one line naming the flag,
+file or URI and exit with status 2, before any expensive work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cifar_ray.config import PrepareConfig, TrainConfig, UserError
+
+
+def _prepare(ns: argparse.Namespace) -> int:
+    from cifar_ray import data
+
+    data.prepare(PrepareConfig.from_args(ns))
+    return 0
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from cifar_ray import train
+
+    train.fit(TrainConfig.from_args(ns))
+    return 0
+
+
+def _evaluate(ns: argparse.Namespace) -> int:
+    from cifar_ray import storage, train
+    from cifar_ray.checkpoint import load_uri
+
+    stored = load_uri(ns.checkpoint)["config"]
+    cfg = TrainConfig.from_dict({**stored, "use_gpu": ns.use_gpu,
+                                 **({"data": ns.data} if ns.data else {})})
+    out = train.evaluate_checkpoint(ns.checkpoint, cfg, ns.split)
+    print(json.dumps({k: out[k] for k in ("split", "accuracy", "loss", "count", "phase", "epoch")}
+                     | {"checkpoint": storage.display(ns.checkpoint)}, indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cifar-ray", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare-data", help="write a dataset as Parquet shards")
+    PrepareConfig.add_arguments(prep)
+    prep.set_defaults(run=_prepare)
+    tr = sub.add_parser("train", help="two-phase training on Ray Train")
+    TrainConfig.add_arguments(tr)
+    tr.set_defaults(run=_train)
+    ev = sub.add_parser("evaluate", help="accuracy of a checkpoint on a split")
+    ev.add_argument("checkpoint", help="checkpoint folder: path or s3:// URI")
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ev.add_argument("--data", default=None, help="dataset root, if not the one it trained on")
+    ev.add_argument("--use-gpu", action="store_true")
+    ev.set_defaults(run=_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parser().parse_args(argv)
+    try:
+        return ns.run(ns)
+    except (ValueError, UserError) as e:  # bad flags, files, URIs, run names, resources
+        print(f"cifar-ray {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Validated configuration: one dataclass per job, CLI flags generated from the fields.
+
+    python -m cifar_ray.cli train --help      # every field below, as a flag
+
+Each field carries its help text in `metadata["help"]`; `add_arguments` turns the fields of
+a dataclass (nested ones get a prefix: `phase2.lr` -> `--phase2-lr`) into argparse flags and
+`from_args` builds the validated config back. `__post_init__` raises `ValueError` naming the
+flag and the accepted values, so bad input fails before Ray starts. Configs cross the Ray
+boundary as plain dicts (`to_dict` / `from_dict`) and are never mutated after creation:
+derived values are methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SOURCES = ("torchvision", "archive", "folder", "synthetic")
+# Run and dataset names become path components in object storage: keep them portable.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class UserError(Exception):
+    """Bad input or state that the user can fix: the CLI prints it as one line, no traceback."""
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with its help text (shown by --help and used as documentation)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _flag(name: str, prefix: str = "") -> str:
+    return "--" + (prefix + name).replace("_", "-")
+
+
+def _check(cond: bool, flag: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{flag}: {msg}")
+
+
+def _check_name(value: str, flag: str) -> None:
+    _check(bool(NAME_RE.match(value)), flag,
+           f"{value!r} is not a valid name; use 1-128 characters from A-Z a-z 0-9 . _ - "
+           "starting with a letter or digit")
+
+
+class _Config:
+    """Shared dict/CLI conversion for the config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            sub = hints[f.name]
+            if dataclasses.is_dataclass(sub):
+                kwargs[f.name] = sub.from_dict(d[f.name])
+            else:
+                kwargs[f.name] = d[f.name]
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+        return cls(**kwargs)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, prefix: str = "",
+                      defaults: Any = None) -> None:
+        """Add one flag per field (recursing into nested configs with a prefix)."""
+        hints = typing.get_type_hints(cls)
+        defaults = defaults if defaults is not None else cls()
+        for f in dataclasses.fields(cls):
+            typ = hints[f.name]
+            default = getattr(defaults, f.name)
+            if dataclasses.is_dataclass(typ):
+                typ.add_arguments(parser, prefix=f"{prefix}{f.name}_", defaults=default)
+                continue
+            flag = _flag(f.name, prefix)
+            help_ = f.metadata.get("help", "") + f" (default: {default})"
+            dest = prefix + f.name
+            if typ is bool:
+                parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                    default=default, help=help_)
+                continue
+            args = typing.get_args(typ)
+            is_optional = isinstance(typ, types.UnionType) and type(None) in args
+            base = next(a for a in args if a is not type(None)) if is_optional else typ
+            if typing.get_origin(base) is list:
+                (elem,) = typing.get_args(base)
+                parser.add_argument(flag, dest=dest, type=elem, nargs="+", default=default,
+                                    help=help_)
+            else:
+                parser.add_argument(flag, dest=dest, type=base, default=default, help=help_,
+                                    choices=f.metadata.get("choices"))
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace, prefix: str = ""):
+        """Build (and so validate) a config from parsed flags."""
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            typ = hints[f.name]
+            if dataclasses.is_dataclass(typ):
+                kwargs[f.name] = typ.from_args(ns, prefix=f"{prefix}{f.name}_")
+            else:
+                kwargs[f.name] = getattr(ns, prefix + f.name)
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class PrepareConfig(_Config):
+    """Turn a CIFAR-10 source into Parquet shards under <data>/<dataset>/{train,val,test}/."""
+
+    source: str = _f("torchvision", "where images come from: torchvision (download), archive "
+                     "(cifar-10-python.tar.gz), folder ([<split>/]<class>/<file> dir or tar), "
+                     "synthetic (generated, for smoke runs)", choices=SOURCES)
+    source_uri: str | None = _f(None, "path or URI of the archive or image folder (sources "
+                                "archive and folder); the download cache dir for torchvision")
+    data: str = _f("./data", "root path or s3:// URI where datasets are written")
+    dataset: str = _f("cifar10", "dataset name: the folder under --data")
+    val_size: int = _f(5000, "images carved from train into a stratified validation split "
+                       "when the source has none")
+    shard_size: int = _f(10000, "images per Parquet shard (30 MB of pixels per 10,000)")
+    seed: int = _f(0, "seed for the validation split and the shard order")
+    synthetic_size: int = _f(2000, "train+val images of the synthetic source (test gets "
+                             "a fifth of that more)")
+
+    def __post_init__(self):
+        _check(self.source in SOURCES, "--source", f"{self.source!r}; choose one of {SOURCES}")
+        if self.source in ("archive", "folder"):
+            _check(bool(self.source_uri), "--source-uri",
+                   f"required with --source {self.source} (a path or s3:// URI)")
+        _check_name(self.dataset, "--dataset")
+        _check(self.val_size >= 0, "--val-size", f"{self.val_size}; must be >= 0")
+        _check(self.shard_size > 0, "--shard-size", f"{self.shard_size}; must be > 0")
+        _check(self.synthetic_size >= 20, "--synthetic-size",
+               f"{self.synthetic_size}; must be >= 20")
+
+
+@dataclass(frozen=True)
+class PhaseConfig(_Config):
+    """Hyperparameters of one training phase."""
+
+    epochs: int = _f(10, "epochs in this phase (0 skips it)")
+    lr: float = _f(1e-3, "peak learning rate (per global batch)")
+    optimizer: str = _f("adamw", "optimizer", choices=OPTIMIZERS)
+    weight_decay: float = _f(0.0, "decoupled weight decay (adamw) or L2 (adam, sgd)")
+    momentum: float = _f(0.9, "SGD momentum (sgd only)")
+    label_smoothing: float = _f(0.0, "cross-entropy label smoothing in [0, 1)")
+    batch_size: int = _f(256, "global batch size, split evenly across workers")
+    warmup_epochs: float = _f(0.0, "linear warmup before cosine decay, in epochs")
+    augment: bool = _f(False, "random crop (4 px padding) + horizontal flip on the device")
+
+    def validate(self, p: str) -> None:
+        """Raise ValueError naming the flag (`p` is the flag prefix, e.g. 'phase2-')."""
+        _check(self.epochs >= 0, f"--{p}epochs", f"{self.epochs}; must be >= 0")
+        _check(self.lr > 0, f"--{p}lr", f"{self.lr}; must be > 0")
+        _check(self.optimizer in OPTIMIZERS, f"--{p}optimizer",
+               f"{self.optimizer!r}; choose one of {OPTIMIZERS}")
+        _check(self.weight_decay >= 0, f"--{p}weight-decay", f"{self.weight_decay}; must be >= 0")
+        _check(0 <= self.momentum < 1, f"--{p}momentum", f"{self.momentum}; must be in [0, 1)")
+        _check(0 <= self.label_smoothing < 1, f"--{p}label-smoothing",
+               f"{self.label_smoothing}; must be in [0, 1)")
+        _check(self.batch_size > 0, f"--{p}batch-size", f"{self.batch_size}; must be > 0")
+        _check(0 <= self.warmup_epochs <= max(self.epochs, 0), f"--{p}warmup-epochs",
+               f"{self.warmup_epochs}; must be in [0, {self.epochs}] (the phase's epochs)")
+
+
+# Phase 1 trains a freshly initialised head on a frozen backbone: a high LR is safe.
+# Phase 2 moves pretrained weights: a low LR with warmup keeps them from being wrecked.
+PHASE1 = PhaseConfig(epochs=10, lr=1e-3, optimizer="adamw", weight_decay=1e-4, augment=False)
+PHASE2 = PhaseConfig(epochs=10, lr=1e-4, optimizer="adamw", weight_decay=0.05,
+                     label_smoothing=0.1, warmup_epochs=1.0, augment=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """The two-phase training job: data in, checkpoints/metrics/weights out."""
+
+    data: str = _f("./data", "root path or s3:// URI holding prepared datasets")
+    dataset: str = _f("cifar10", "dataset name under --data (made by prepare-data)")
+    storage: str = _f("./results", "root path or s3:// URI for runs: <storage>/<name>/")
+    name: str = _f("r50", "run name; re-running a name resumes it from its latest checkpoint")
+    workers: int = _f(2, "data-parallel Ray Train workers")
+    use_gpu: bool = _f(False, "one GPU per worker (nccl, bf16 autocast, channels_last)")
+    cpus_per_worker: int = _f(1, "CPUs reserved per worker (also its torch threads on CPU)")
+    weights: str = _f("imagenet", "backbone weights: imagenet (torchvision IMAGENET1K_V2), "
+                      "none, or a path/URI of a ResNet50 state_dict")
+    weights_sha256: str | None = _f(None, "expected sha256 of the --weights file")
+    image_size: int = _f(32, "input side in pixels; >32 upsamples on the device")
+    phase1: PhaseConfig = _f(PHASE1, "phase 1: frozen backbone, head only")
+    phase2: PhaseConfig = _f(PHASE2, "phase 2: everything trainable, low LR")
+    cache_features: bool = _f(True, "phase 1: compute frozen-backbone features once and train "
+                              "the head on them (needs --no-phase1-augment)")
+    keep_checkpoints: int = _f(2, "checkpoints kept (best by val accuracy)")
+    max_failures: int = _f(0, "worker-group restarts from the latest checkpoint before failing")
+    resource_timeout_s: float = _f(120.0, "seconds to wait for the cluster to offer the "
+                                   "requested workers (autoscaling) before failing")
+    overwrite: bool = _f(False, "replace a finished run of the same name instead of refusing")
+    seed: int = _f(0, "seed for initialisation, shuffling and augmentation")
+    smoke: bool = _f(False, "synthetic data, --weights none, 1+1 epochs, 2 CPU workers")
+
+    def __post_init__(self):
+        _check_name(self.dataset, "--dataset")
+        _check_name(self.name, "--name")
+        _check(self.workers >= 1, "--workers", f"{self.workers}; must be >= 1")
+        _check(self.cpus_per_worker >= 1, "--cpus-per-worker",
+               f"{self.cpus_per_worker}; must be >= 1")
+        _check(self.weights == "imagenet" or self.weights == "none" or bool(self.weights),
+               "--weights", "use imagenet, none, or a path/URI")
+        if self.weights_sha256 is not None:
+            _check(bool(re.fullmatch(r"[0-9a-fA-F]{64}", self.weights_sha256)),
+                   "--weights-sha256", "must be 64 hex digits")
+            _check(self.weights not in ("imagenet", "none"), "--weights-sha256",
+                   "only applies when --weights is a path or URI")
+        _check(self.image_size >= 32 and self.image_size % 32 == 0, "--image-size",
+               f"{self.image_size}; must be a multiple of 32 (32, 64, 128, 224...)")
+        for i, phase in ((1, self.phase1), (2, self.phase2)):
+            phase.validate(f"phase{i}-")
+            _check(phase.batch_size % self.workers == 0, f"--phase{i}-batch-size",
+                   f"{phase.batch_size} is not divisible by --workers {self.workers}; "
+                   f"use a multiple of {self.workers}")
+        _check(self.phase1.epochs + self.phase2.epochs > 0, "--phase1-epochs/--phase2-epochs",
+               "at least one phase needs epochs > 0")
+        _check(self.keep_checkpoints >= 1, "--keep-checkpoints",
+               f"{self.keep_checkpoints}; must be >= 1")
+        _check(self.max_failures >= -1, "--max-failures",
+               f"{self.max_failures}; must be >= 0 (or -1 for unlimited)")
+        _check(self.resource_timeout_s >= 0, "--resource-timeout-s",
+               f"{self.resource_timeout_s}; must be >= 0")
+
+    def phase(self, i: int) -> PhaseConfig:
+        return self.phase1 if i == 1 else self.phase2
+
+    def caches_features(self) -> bool:
+        """Phase-1 features are a pure function of the image only without augmentation."""
+        return self.cache_features and not self.phase1.augment
+
+    def with_smoke(self) -> TrainConfig:
+        """The --smoke settings: small, CPU-only, no downloads (~2 min on 2 CPUs)."""
+        if not self.smoke:
+            return self
+        small = dict(epochs=1, batch_size=64)
+        return dataclasses.replace(
+            self, dataset="synthetic", weights="none", weights_sha256=None,
+            workers=2, use_gpu=False, cpus_per_worker=1,
+            name=self.name if self.name != TrainConfig.name else "smoke",
+            phase1=dataclasses.replace(self.phase1, **small),
+            phase2=dataclasses.replace(self.phase2, warmup_epochs=0.0, **small))
+
+    def run_uri(self) -> str:
+        from cifar_ray.storage import join
+
+        return join(self.storage, self.name)
+
+    def dataset_uri(self) -> str:
+        from cifar_ray.storage import join
+
+        return join(self.data, self.dataset)

@@ -1,0 +1,325 @@
+"""Ray Train glue: the per-worker loop, the TorchTrainer, checkpoints, the final test.
+
+    python jobs/train.py --smoke
+    ray job submit --working-dir . -- python jobs/train.py --data s3://bucket/datasets \
+        --storage s3://bucket/runs --name r50-a --workers 4 --use-gpu
+
+Everything Ray-specific about training lives here; the schedule itself is recipe.py.
+Run folder <storage>/<name>/: config.json (resolved config), metrics.jsonl (one line per
+epoch), checkpoint-p<phase>-e<epoch>/ (Ray-managed, best K by val accuracy), model_final.pt
+(weights after the last epoch) and result.json (written last: the run is finished).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchTrainer
+
+from cifar_ray import checkpoint, data, storage
+from cifar_ray.config import PrepareConfig, TrainConfig, UserError
+from cifar_ray.engine import to_tensor
+from cifar_ray.model import build
+from cifar_ray.recipe import Data, Runtime, evaluate_split, run_phases
+
+CONFIG, METRICS, FINAL, RESULT = "config.json", "metrics.jsonl", "model_final.pt", "result.json"
+# Fields that may change between a run and its resumption: they say how to run, not what.
+OPERATIONAL = {"workers", "use_gpu", "cpus_per_worker", "max_failures", "resource_timeout_s",
+               "overwrite", "smoke", "data", "storage", "keep_checkpoints"}
+# Passed to every worker so that each node reaches the same object store endpoint. Keys and
+# secrets are deliberately absent: workers get credentials from their own chain (roles).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+class RunExistsError(UserError, RuntimeError):
+    """The run name holds a finished run (or a different config) and would be overwritten."""
+
+
+class ResourceError(UserError, RuntimeError):
+    """The cluster cannot place the requested workers within the bounded wait."""
+
+
+# ---------------------------------------------------------------- on each worker
+
+
+def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t
+
+
+def _wrapper(device: torch.device, world: int):
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        if world == 1:
+            return module
+        ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    return wrap
+
+
+def runtime_for(device: torch.device, rank: int, world: int) -> Runtime:
+    cuda = device.type == "cuda"
+    return Runtime(device=device, rank=rank, world=world, wrap=_wrapper(device, world),
+                   all_reduce=_all_reduce, amp_dtype=torch.bfloat16 if cuda else None,
+                   channels_last=cuda)
+
+
+def _load_data(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> tuple[Data, int]:
+    uri = cfg.dataset_uri()
+    manifest = data.read_manifest(uri)
+    # Each rank reads only its slice; train slices are equal so ranks step in lockstep.
+    tr = data.load_split(uri, "train", rank, world, equal=True, manifest=manifest)
+    va = data.load_split(uri, "val", rank, world, manifest=manifest)
+    pin = device.type == "cuda"
+
+    def put(x: torch.Tensor) -> torch.Tensor:
+        return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
+
+    return (Data(put(to_tensor(tr.images)), put(torch.from_numpy(tr.labels)),
+                 put(to_tensor(va.images)), put(torch.from_numpy(va.labels))),
+            len(manifest["classes"]))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: load this rank's data, restore, train, report."""
+    cfg = TrainConfig.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cpus_per_worker)
+    rt = runtime_for(device, rank, world)
+    train_data, num_classes = _load_data(cfg, rank, world, device)
+    model = build(cfg.weights, cfg.weights_sha256, num_classes, cfg.seed).to(device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = checkpoint.load_dir(d)
+        if rank == 0:
+            print(f"resuming from {ckpt.path}: phase {resume['phase']}, "
+                  f"epoch {resume['epoch'] + 1} done")
+
+    run_uri = cfg.run_uri()
+
+    def report(metrics: dict, state) -> None:
+        # Every rank reports (report is a barrier); only rank 0 writes a checkpoint.
+        with tempfile.TemporaryDirectory() as d:
+            ckpt_out = None
+            if rank == 0:
+                st = state()
+                checkpoint.write_dir(st, d)
+                ckpt_out = ray.train.Checkpoint.from_directory(d)
+                # Our own per-epoch log: Result.metrics keeps only the latest report.
+                storage.write_bytes(storage.join(run_uri, METRICS), "".join(
+                    json.dumps(h) + "\n" for h in st["history"]).encode())
+            ray.train.report(metrics, checkpoint=ckpt_out,
+                             checkpoint_dir_name=f"checkpoint-p{metrics['phase']}"
+                                                 f"-e{metrics['epoch']:03d}")
+
+    run_phases(cfg, model, train_data, rt, report, resume,
+               log=print if rank == 0 else (lambda _: None))
+    if rank == 0:
+        buf = tempfile.SpooledTemporaryFile()
+        torch.save(model.state_dict(), buf)
+        buf.seek(0)
+        storage.write_bytes(storage.join(run_uri, FINAL), buf.read())
+
+
+# ---------------------------------------------------------------- evaluation task
+
+
+def evaluate_checkpoint(ckpt_uri: str, cfg: TrainConfig, split: str = "test") -> dict:
+    """Accuracy of a checkpoint on a split (runs anywhere: a Ray task, or plain Python)."""
+    device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+    state = checkpoint.load_uri(ckpt_uri)
+    uri = cfg.dataset_uri()
+    manifest = data.read_manifest(uri)
+    s = data.load_split(uri, split, manifest=manifest)
+    model = build("none", num_classes=len(manifest["classes"]))
+    model.load_state_dict(state["model"])
+    model.to(device)
+    y = torch.from_numpy(s.labels).to(device)
+    out = evaluate_split(model, to_tensor(s.images, device), y, cfg, runtime_for(device, 0, 1))
+    preds = out.pop("predictions").tolist()
+    return {**out, "split": split, "checkpoint": ckpt_uri, "phase": state["phase"],
+            "epoch": state["epoch"], "labels": s.labels.tolist(), "predictions": preds,
+            "classes": manifest["classes"]}
+
+
+# ---------------------------------------------------------------- on the driver
+
+
+def _comparable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in OPERATIONAL}
+
+
+def check_run(cfg: TrainConfig, log=print) -> None:
+    """Refuse to clobber a finished run; refuse to resume a run with a different recipe."""
+    run_uri = cfg.run_uri()
+    if storage.exists(storage.join(run_uri, RESULT)):
+        if not cfg.overwrite:
+            raise RunExistsError(
+                f"{storage.display(run_uri)} holds a finished run (result.json); refusing to "
+                "overwrite it. Choose another --name, or pass --overwrite to replace it.")
+        log(f"--overwrite: deleting the finished run at {storage.display(run_uri)}")
+        storage.delete_dir(run_uri)
+        return
+    config_uri = storage.join(run_uri, CONFIG)
+    if storage.exists(config_uri):
+        old = json.loads(storage.read_bytes(config_uri))
+        diff = sorted(k for k in _comparable(old) | _comparable(cfg.to_dict())
+                      if old.get(k) != cfg.to_dict().get(k))
+        if diff:
+            raise RunExistsError(
+                f"{storage.display(run_uri)} holds an unfinished run with a different "
+                f"configuration ({', '.join(diff)} differ); resume it with the same settings "
+                "or choose another --name")
+        log(f"resuming unfinished run {storage.display(run_uri)} from its latest checkpoint")
+
+
+def preflight(cfg: TrainConfig, log=print) -> dict:
+    """Everything that can fail cheaply, before Ray starts a worker. Returns the manifest."""
+    manifest = data.read_manifest(cfg.dataset_uri())
+    for split in ("train", "val"):
+        if split not in manifest["splits"]:
+            raise data.DataError(f"{storage.display(cfg.dataset_uri())}: no {split!r} split")
+    n_train = manifest["splits"]["train"]["count"]
+    for i in (1, 2):
+        pc = cfg.phase(i)
+        if pc.epochs and (n_train // cfg.workers) < pc.batch_size // cfg.workers:
+            raise ValueError(f"--phase{i}-batch-size {pc.batch_size}: more than the "
+                             f"{n_train} training images allow with --workers {cfg.workers}")
+    storage.check_writable(cfg.storage)
+    check_run(cfg, log)
+    return manifest
+
+
+def _needed(cfg: TrainConfig) -> dict[str, float]:
+    need = {"CPU": float(cfg.workers * cfg.cpus_per_worker)}
+    if cfg.use_gpu:
+        need["GPU"] = float(cfg.workers)
+    return need
+
+
+def wait_for_resources(cfg: TrainConfig, timeout_s: float, log=print) -> None:
+    """Ray Train would wait forever for workers the cluster cannot place; wait a bounded
+    time (an autoscaler may be adding nodes), then fail saying what is missing."""
+    need = _needed(cfg)
+    deadline = time.monotonic() + timeout_s
+    said = False
+    while True:
+        have = ray.cluster_resources()
+        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) < v}
+        if not short:
+            return
+        text = ", ".join(f"{k}: need {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+        if time.monotonic() >= deadline:
+            hint = (" (--use-gpu on a machine without GPUs? drop --use-gpu to train on CPU)"
+                    if "GPU" in short else "")
+            raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}{hint}. "
+                               f"Waited {timeout_s:g} s (--resource-timeout-s).")
+        if not said:
+            log(f"waiting up to {timeout_s:g} s for resources ({text})")
+            said = True
+        time.sleep(2)
+
+
+def worker_env() -> dict:
+    return {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
+
+
+def ensure_smoke_data(cfg: TrainConfig, log=print) -> None:
+    data.prepare(PrepareConfig(source="synthetic", data=cfg.data, dataset=cfg.dataset,
+                               val_size=400, synthetic_size=2000), log=log)
+
+
+def init_ray(log=print) -> bool:
+    """Connect to the cluster named by RAY_ADDRESS (as `ray job submit` sets it) or a local
+    `ray start` instance; else start a private one. Returns True if we started it."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return False
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        return False
+    except ConnectionError:
+        log("no Ray cluster found: starting a local instance")
+        ray.init(include_dashboard=False)
+        return True
+
+
+def fit(cfg: TrainConfig, log=print) -> dict:
+    """Train a run end to end and return its result.json contents."""
+    cfg = cfg.with_smoke()
+    if cfg.smoke:
+        ensure_smoke_data(cfg, log)
+    cfg = dataclasses.replace(cfg, data=storage.normalize(cfg.data),
+                              storage=storage.normalize(cfg.storage))
+    manifest = preflight(cfg, log)
+    started_here = init_ray(log)
+    try:
+        # A cluster we just started cannot grow: no point waiting for it.
+        wait_for_resources(cfg, 0.0 if started_here else cfg.resource_timeout_s, log)
+        return _fit(cfg, manifest, log)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _fit(cfg: TrainConfig, manifest: dict, log) -> dict:
+    run_uri = cfg.run_uri()
+    storage.write_bytes(storage.join(run_uri, CONFIG), json.dumps(cfg.to_dict(), indent=2).encode())
+    t0 = time.time()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=cfg.storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_acc",
+                checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env=worker_env()))
+    result = trainer.fit()
+    wall = time.time() - t0
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])
+    best_uri = storage.join(run_uri, os.path.basename(best_ckpt.path.rstrip("/")))
+    history = [json.loads(line) for line in
+               storage.read_bytes(storage.join(run_uri, METRICS)).decode().splitlines()]
+    summary = {"name": cfg.name, "run": storage.display(run_uri), "wall_seconds": round(wall, 1),
+               "epochs": len(history), "best_checkpoint": storage.display(best_uri),
+               "best_val_acc": best_metrics["val_acc"],
+               "best_phase": best_metrics["phase"], "best_epoch": best_metrics["epoch"],
+               "final_weights": storage.display(storage.join(run_uri, FINAL))}
+    split = "test" if "test" in manifest["splits"] else "val"
+    if split == "val":
+        log("the dataset has no test split: reporting the best checkpoint's val accuracy")
+    task = ray.remote(evaluate_checkpoint).options(
+        num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0,
+        runtime_env=worker_env())
+    ev = ray.get(task.remote(best_uri, cfg, split))
+    summary.update({f"{split}_acc": ev["accuracy"], f"{split}_loss": ev["loss"],
+                    "evaluated_split": split, "evaluated_images": ev["count"]})
+    storage.write_bytes(storage.join(run_uri, RESULT), json.dumps(summary, indent=2).encode())
+    log(f"best checkpoint {summary['best_checkpoint']} (phase {summary['best_phase']} epoch "
+        f"{summary['best_epoch'] + 1}, val acc {summary['best_val_acc']:.4f}): {split} accuracy "
+        f"{ev['accuracy']:.4f} on {ev['count']} images; wall {wall:.0f} s")
+    log(f"run folder: {summary['run']}")
+    return summary
