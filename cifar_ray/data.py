@@ -53,7 +53,8 @@ class _CifarUnpickler(pickle.Unpickler):
     arbitrary code, so only the numpy globals those files need are allowed."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how protocol-2 pickles written by Python 3 hold bytes
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:

@@ -92,10 +92,11 @@ def load_backbone(model: Classifier, weights: str, sha256: str | None = None) ->
     if any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    missing, unexpected = model.backbone.load_state_dict(sd, strict=False)
-    if missing or unexpected:
+    try:
+        model.backbone.load_state_dict(sd, strict=True)
+    except RuntimeError as e:  # missing/unexpected keys or shape mismatches
         raise WeightsError(f"--weights {storage.display(weights)}: not a ResNet50 state_dict "
-                           f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
+                           f"({str(e).splitlines()[0]} ...)") from e
 
 
 def build(weights: str = "none", sha256: str | None = None, num_classes: int = 10,

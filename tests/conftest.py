@@ -1,0 +1,132 @@
+"""Shared fixtures: a real S3-protocol server (moto) and a real Ray instance, both on loopback.
+
+    python -m pytest -q
+
+Both are started by the tests that need them and stopped afterwards: nothing outlives the
+session. Ray is started once per module that needs it (two Ray instances on one machine
+confuse Train V2), after the S3 environment is set so that workers inherit it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+SHARED_TAR = Path(os.environ.get(
+    "CIFAR_RAY_SHARED_TAR",
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train-jpeg.tar.gz"))
+# Recognisable fake credentials: tests search written files for them.
+FAKE_KEY_ID = "AKIAFAKEFORTESTS0001"
+FAKE_SECRET = "fake/secret/for/cifar-ray/tests/0000000001"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(cond, timeout: float, what: str, interval: float = 0.5):
+    """Poll a condition with a generous bound; the machine is small and shared."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone server bound to 127.0.0.1 (never 0.0.0.0), fake credentials in the
+    environment exactly as a user's AWS chain would provide them."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
+           "AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+
+    def up():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_until(up, 60, "moto_server to listen")
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh, validly named bucket per test."""
+    import boto3
+
+    name = "cifar-ray-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    name = "".join(c for c in name if c.isalnum() or c == "-")
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """One real local Ray instance per module, on loopback, token auth left as Ray sets it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def shared_tar_slice(per_class: int) -> list[tuple[str, bytes]]:
+    """The first `per_class` JPEGs of each class from the real CIFAR-10 tar."""
+    if not SHARED_TAR.exists():
+        pytest.fail(f"real data missing: {SHARED_TAR} (set CIFAR_RAY_SHARED_TAR)")
+    out, seen = [], {}
+    with tarfile.open(SHARED_TAR, "r|gz") as tar:
+        for m in tar:
+            if not (m.isfile() and m.name.endswith(".jpg")):
+                continue
+            cls = m.name.split("/")[-2]
+            if seen.get(cls, 0) < per_class:
+                seen[cls] = seen.get(cls, 0) + 1
+                out.append((m.name, tar.extractfile(m).read()))
+    return out
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

@@ -1,0 +1,73 @@
+"""Config validation and the generated CLI: bad input fails naming the flag, before Ray."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cifar_ray.cli import parser
+from cifar_ray.config import PhaseConfig, PrepareConfig, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"workers": 0}, "--workers"),
+    ({"phase2": PhaseConfig(lr=0.0)}, "--phase2-lr"),
+    ({"phase1": PhaseConfig(lr=-1e-3)}, "--phase1-lr"),
+    ({"phase1": PhaseConfig(epochs=-1)}, "--phase1-epochs"),
+    ({"phase2": PhaseConfig(batch_size=0)}, "--phase2-batch-size"),
+    ({"phase2": PhaseConfig(optimizer="lion")}, "--phase2-optimizer"),
+    ({"phase2": PhaseConfig(label_smoothing=1.0)}, "--phase2-label-smoothing"),
+    ({"phase2": PhaseConfig(epochs=2, warmup_epochs=3)}, "--phase2-warmup-epochs"),
+    ({"workers": 3}, "--phase1-batch-size"),
+    ({"name": "../escape"}, "--name"),
+    ({"image_size": 48}, "--image-size"),
+    ({"weights_sha256": "abc", "weights": "w.pt"}, "--weights-sha256"),
+    ({"weights_sha256": "a" * 64}, "--weights-sha256"),
+])
+def test_train_config_errors_name_the_flag(kwargs, flag):
+    with pytest.raises(ValueError, match=f"^{flag}"):
+        TrainConfig(**kwargs)
+
+
+def test_prepare_config_errors_name_the_flag():
+    with pytest.raises(ValueError, match="--source:.*torchvision"):
+        PrepareConfig(source="kaggle")
+    with pytest.raises(ValueError, match="--source-uri"):
+        PrepareConfig(source="archive")
+
+
+def test_cli_flags_round_trip_to_config():
+    ns = parser().parse_args(["train", "--workers", "4", "--phase2-lr", "3e-4", "--use-gpu",
+                              "--no-phase2-augment", "--phase1-batch-size", "512"])
+    cfg = TrainConfig.from_args(ns)
+    assert (cfg.workers, cfg.use_gpu, cfg.phase2.lr, cfg.phase2.augment,
+            cfg.phase1.batch_size) == (4, True, 3e-4, False, 512)
+    # Untouched flags keep the dataclass defaults, nested ones included.
+    assert cfg.phase2.weight_decay == TrainConfig().phase2.weight_decay
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown TrainConfig keys"):
+        TrainConfig.from_dict({"workerz": 2})
+
+
+def test_smoke_settings():
+    cfg = TrainConfig(smoke=True, workers=4).with_smoke()
+    assert (cfg.workers, cfg.use_gpu, cfg.weights, cfg.dataset, cfg.name) == (
+        2, False, "none", "synthetic", "smoke")
+    assert cfg.phase1.epochs == cfg.phase2.epochs == 1
+
+
+def test_bad_flag_exits_2_with_one_line_before_ray(tmp_path):
+    """The job script rejects bad input itself, fast, without starting Ray."""
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--phase2-lr", "0",
+                          "--storage", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2
+    assert "--phase2-lr: 0.0; must be > 0" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,72 @@
+"""The two-phase schedule in one process, without Ray: phases, caching, resume."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from cifar_ray import data, engine, model as M, recipe
+from cifar_ray.config import PhaseConfig, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tr, va = data.synthetic(192, 0), data.synthetic(64, 1)
+    return recipe.Data(engine.to_tensor(tr.images), torch.from_numpy(tr.labels),
+                       engine.to_tensor(va.images), torch.from_numpy(va.labels))
+
+
+def _cfg(**kw):
+    base = TrainConfig(weights="none", workers=1,
+                       phase1=PhaseConfig(epochs=2, lr=1e-3, batch_size=64),
+                       phase2=PhaseConfig(epochs=1, lr=1e-4, batch_size=64, augment=True))
+    return dataclasses.replace(base, **kw)
+
+
+def _run(cfg, d, resume=None):
+    states, lines = [], []
+    m = M.build("none", seed=cfg.seed)
+    # deepcopy: a state holds live tensors; train.py serialises it before training goes on.
+    hist = recipe.run_phases(cfg, m, d, recipe.Runtime(),
+                             lambda met, st: states.append(copy.deepcopy(st())),
+                             resume=resume, log=lines.append)
+    return m, hist, states, lines
+
+
+def test_two_phases_report_every_epoch(tiny):
+    m, hist, states, lines = _run(_cfg(), tiny)
+    assert [(h["phase"], h["epoch"]) for h in hist] == [(1, 0), (1, 1), (2, 0)]
+    assert [h["feature_cache"] for h in hist] == [True, True, False]
+    assert all(0 <= h["val_acc"] <= 1 and h["images_per_s"] > 0 for h in hist)
+    assert [(s["phase"], s["epoch"]) for s in states] == [(1, 0), (1, 1), (2, 0)]
+    assert states[-1]["history"] == hist and states[-1]["config"] == _cfg().to_dict()
+    assert sum("img/s" in line and "phase ETA" in line for line in lines) == 3
+
+
+def test_feature_cache_trains_the_same_head(tiny):
+    """Cached and uncached phase 1 follow the same trajectory: same batches, same maths."""
+    cfg = _cfg(phase2=PhaseConfig(epochs=0))
+    heads = []
+    for cache in (True, False):
+        m, hist, _, _ = _run(dataclasses.replace(cfg, cache_features=cache), tiny)
+        assert [h["feature_cache"] for h in hist] == [cache, cache]
+        heads.append(m.head.state_dict())
+    for k in heads[0]:
+        assert torch.allclose(heads[0][k], heads[1][k], rtol=1e-3, atol=1e-5), k
+
+
+def test_resume_continues_after_the_checkpointed_epoch(tiny):
+    cfg = _cfg()
+    _, full, states, _ = _run(cfg, tiny)
+    m, hist, new_states, _ = _run(cfg, tiny, resume=states[1])  # after phase 1 epoch 1
+    assert [(h["phase"], h["epoch"]) for h in hist] == [(1, 0), (1, 1), (2, 0)]
+    assert hist[2]["restored_from"] == {"phase": 1, "epoch": 1}
+    assert [(s["phase"], s["epoch"]) for s in new_states] == [(2, 0)]  # phase 1 not redone
+    # Same seeds per (phase, epoch): the resumed epoch equals the uninterrupted one.
+    assert hist[2]["train_loss"] == pytest.approx(full[2]["train_loss"], rel=1e-4)
+
+
+def test_batch_larger_than_the_data_is_named(tiny):
+    with pytest.raises(ValueError, match="--phase1-batch-size 512"):
+        _run(_cfg(phase1=PhaseConfig(epochs=1, batch_size=512)), tiny)
