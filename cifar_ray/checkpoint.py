@@ -1,6 +1,6 @@
 """Checkpoint files: one torch file plus its sha256, loaded with `weights_only=True`.
 
-    python -c "from cifar_ray.checkpoint import load_uri; print(load_uri('results/smoke/checkpoint-p2-e000')['epoch'])"
+    cifar-ray evaluate results/smoke/checkpoint-p2-e000     # loads one through load_uri
 
 The digest file is written after the state file, so a checkpoint whose upload stopped half
 way fails verification with a clear error instead of loading garbage.

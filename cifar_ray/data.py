@@ -52,7 +52,8 @@ class _CifarUnpickler(pickle.Unpickler):
     """The CIFAR python archive is pickled numpy arrays. Unpickling arbitrary data runs
     arbitrary code, so only the numpy globals those files need are allowed."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"),
                ("_codecs", "encode")}  # how protocol-2 pickles written by Python 3 hold bytes
 

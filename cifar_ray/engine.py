@@ -29,7 +29,8 @@ STD = (0.229, 0.224, 0.225)
 def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 [N, H, W, 3] (as stored) -> uint8 [N, 3, H, W] on `device` (4x smaller than
     float: the whole CIFAR-10 train split is 150 MB this way)."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    return x.permute(0, 3, 1, 2).contiguous().to(device)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -131,8 +132,8 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
 
 @torch.no_grad()
 def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
-             transform: Callable[[torch.Tensor], torch.Tensor], amp_dtype: torch.dtype | None = None,
-             return_predictions: bool = False) -> dict:
+             transform: Callable[[torch.Tensor], torch.Tensor],
+             amp_dtype: torch.dtype | None = None, return_predictions: bool = False) -> dict:
     """Cross-entropy sum, correct count and count over (inputs, labels); model in eval mode."""
     was_training = model.training
     model.eval()

@@ -160,7 +160,7 @@ def run_phases(cfg: TrainConfig, model: Classifier, data: Data, rt: Runtime, rep
                 f"lr {lr:.2e} | {metrics['images_per_s']:.0f} img/s | {seconds:.1f} s | "
                 f"phase ETA {eta:.0f} s")
 
-            def state(phase=phase, epoch=epoch) -> dict:
+            def state(phase=phase, epoch=epoch, optimizer=optimizer, scheduler=scheduler) -> dict:
                 return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "phase": phase, "epoch": epoch,
                         "history": list(history), "config": cfg.to_dict()}

@@ -289,7 +289,8 @@ def _fit(cfg: TrainConfig, manifest: dict, log) -> dict:
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+            resources_per_worker={"CPU": cfg.cpus_per_worker,
+                                  **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=cfg.storage,
             checkpoint_config=ray.train.CheckpointConfig(

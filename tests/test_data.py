@@ -40,7 +40,7 @@ def _all(root, split, manifest=None):
 
 def _sorted_rows(images, labels):
     """Order-free comparison: prepare shuffles rows, so compare as sorted multisets."""
-    keys = [img.tobytes() + bytes([lab]) for img, lab in zip(images, labels)]
+    keys = [img.tobytes() + bytes([lab]) for img, lab in zip(images, labels, strict=True)]
     return sorted(keys)
 
 

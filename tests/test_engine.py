@@ -65,11 +65,12 @@ def test_warmup_then_cosine_schedule():
         sched.step()
     assert lrs[0] == 0.1 and lrs[9] == 1.0  # linear warmup over 10 steps
     assert math.isclose(lrs[10], 1.0) and lrs[-1] < 0.01
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay
+    assert all(a >= b for a, b in zip(lrs[10:-1], lrs[11:], strict=True))  # monotone decay
 
 
 def test_optimizers_only_take_trainable_params():
-    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+    a = torch.nn.Parameter(torch.zeros(1))
+    b = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
     for name in ("adamw", "adam", "sgd"):
         opt = engine.make_optimizer(PhaseConfig(optimizer=name), [a, b])
         assert opt.param_groups[0]["params"] == [a]

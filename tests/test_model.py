@@ -7,7 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from cifar_ray import engine, model as M
+from cifar_ray import engine
+from cifar_ray import model as M
 from cifar_ray.config import PhaseConfig
 
 
@@ -88,7 +89,7 @@ def test_cached_features_give_the_same_head_gradients(base_state):
             logits = m(engine.preprocess(x))
         torch.nn.functional.cross_entropy(logits, y).backward()
         grads.append([p.grad.clone() for p in m.head.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 

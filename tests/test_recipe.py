@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from cifar_ray import data, engine, model as M, recipe
+from cifar_ray import data, engine, recipe
+from cifar_ray import model as M
 from cifar_ray.config import PhaseConfig, TrainConfig
 
 

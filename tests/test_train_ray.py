@@ -1,0 +1,174 @@
+"""The training job on a real local Ray instance with storage on a real S3-protocol server.
+
+    python -m pytest -q tests/test_train_ray.py
+
+Tiny settings (a few hundred synthetic images, 1-3 epochs), but the real ResNet50, the real
+TorchTrainer with 2 gloo workers, real checkpoints in the bucket, real process kills.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import boto3
+import pytest
+import ray.train
+from conftest import FAKE_KEY_ID, FAKE_SECRET, wait_until
+
+from cifar_ray import data, storage, train
+from cifar_ray.config import PhaseConfig, PrepareConfig, TrainConfig
+
+pytestmark = pytest.mark.ray
+
+
+def _keys(bucket: str, prefix: str) -> list[str]:
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                         Prefix=prefix)
+    return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
+
+
+@pytest.fixture(scope="module")
+def s3_data(ray_local, s3_server):
+    """A small synthetic dataset in its own bucket, shared by the tests of this module."""
+    boto3.client("s3").create_bucket(Bucket="cifar-ray-datasets")
+    root = "s3://cifar-ray-datasets/datasets"
+    data.prepare(PrepareConfig(source="synthetic", data=root, dataset="tiny", val_size=64,
+                               synthetic_size=320), log=lambda _: None)
+    return root
+
+
+def _cfg(data_root: str, storage_root: str, name: str, **kw) -> TrainConfig:
+    base = dict(data=data_root, dataset="tiny", storage=storage_root, name=name, workers=2,
+                weights="none", resource_timeout_s=5,
+                phase1=PhaseConfig(epochs=1, lr=1e-3, batch_size=64),
+                # SGD keeps one buffer per weight: smaller checkpoints than Adam's two.
+                phase2=PhaseConfig(epochs=1, lr=1e-3, optimizer="sgd", batch_size=64,
+                                   augment=True))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket):
+    cfg = _cfg(s3_data, f"s3://{bucket}/runs", "r1")
+    summary = train.fit(cfg, log=lambda _: None)
+    keys = _keys(bucket, "runs/r1/")
+    for name in ("config.json", "metrics.jsonl", "model_final.pt", "result.json"):
+        assert f"runs/r1/{name}" in keys
+    assert {"runs/r1/checkpoint-p1-e000/state.pt", "runs/r1/checkpoint-p2-e000/state.pt",
+            "runs/r1/checkpoint-p2-e000/state.pt.sha256"} <= set(keys)
+    rows = [json.loads(x) for x in storage.read_bytes(f"s3://{bucket}/runs/r1/metrics.jsonl")
+            .decode().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0)]
+    assert summary["evaluated_split"] == "test" and 0 <= summary["test_acc"] <= 1
+    assert json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/result.json")) == summary
+    # The stored config is the resolved one, and no credential leaked into anything written.
+    assert json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/config.json"))["name"] == "r1"
+    s3 = boto3.client("s3")
+    for key in keys:
+        if not key.endswith(".pt"):
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            assert FAKE_SECRET.encode() not in body and FAKE_KEY_ID.encode() not in body, key
+
+    # Running the finished name again is refused, and nothing stored changes.
+    with pytest.raises(train.RunExistsError, match="finished run"):
+        train.fit(cfg, log=lambda _: None)
+    assert _keys(bucket, "runs/r1/") == keys
+
+
+def _worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (their title is ray::RayTrainWorker...)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _fit_in_thread(cfg):
+    out = {}
+
+    def target():
+        try:
+            out["summary"] = train.fit(cfg, log=lambda _: None)
+        except BaseException as e:  # the test inspects it
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, out
+
+
+def _kill_a_worker_after_first_checkpoint(bucket: str, prefix: str) -> None:
+    wait_until(lambda: any(k.endswith("checkpoint_manager_snapshot.json")
+                           for k in _keys(bucket, prefix)), 600, "the first checkpoint")
+    pid = wait_until(_worker_pids, 120, "a RayTrainWorker process")[0]
+    os.kill(pid, signal.SIGKILL)
+
+
+def _rows(uri: str) -> list[dict]:
+    return [json.loads(x) for x in storage.read_bytes(storage.join(uri, "metrics.jsonl"))
+            .decode().splitlines()]
+
+
+def test_killed_worker_with_max_failures_resumes_from_its_checkpoint(s3_data, bucket):
+    cfg = _cfg(s3_data, f"s3://{bucket}/runs", "r2", max_failures=1,
+               phase2=PhaseConfig(epochs=3, lr=1e-3, optimizer="sgd", batch_size=64))
+    t, out = _fit_in_thread(cfg)
+    _kill_a_worker_after_first_checkpoint(bucket, "runs/r2/")
+    t.join(timeout=1200)
+    assert not t.is_alive() and "error" not in out, out.get("error")
+    rows = _rows(cfg.run_uri())
+    assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1), (2, 2)]
+    restored = [i for i, r in enumerate(rows) if "restored_from" in r]
+    # Exactly one restart, which continued right after a stored checkpoint, not at epoch 0.
+    assert len(restored) == 1 and restored[0] >= 1
+    before = rows[restored[0] - 1]
+    assert rows[restored[0]]["restored_from"] == {"phase": before["phase"],
+                                                  "epoch": before["epoch"]}
+    assert out["summary"]["epochs"] == 4
+
+
+def test_failed_run_resumes_by_name_and_refuses_a_changed_recipe(s3_data, tmp_path):
+    cfg = _cfg(s3_data, str(tmp_path / "runs"), "r3", max_failures=0,
+               phase2=PhaseConfig(epochs=2, lr=1e-3, optimizer="sgd", batch_size=64))
+    run = tmp_path / "runs" / "r3"
+    t, out = _fit_in_thread(cfg)
+    wait_until(lambda: (run / "checkpoint_manager_snapshot.json").exists(), 600,
+               "the first checkpoint")
+    os.kill(wait_until(_worker_pids, 120, "a RayTrainWorker process")[0], signal.SIGKILL)
+    t.join(timeout=1200)
+    assert isinstance(out.get("error"), ray.train.TrainingFailedError)
+    assert not (run / "result.json").exists()
+
+    changed = _cfg(s3_data, str(tmp_path / "runs"), "r3", max_failures=0,
+                   phase2=PhaseConfig(epochs=2, lr=5e-3, optimizer="sgd", batch_size=64))
+    with pytest.raises(train.RunExistsError, match="different configuration.*phase2"):
+        train.fit(changed, log=lambda _: None)
+
+    summary = train.fit(cfg, log=lambda _: None)  # same name, same recipe: resumes
+    rows = _rows(cfg.run_uri())
+    assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
+    assert sum("restored_from" in r for r in rows) == 1
+    assert summary["epochs"] == 3 and (run / "result.json").exists()
+
+
+def test_more_gpus_than_the_cluster_has_fails_after_a_bounded_wait(s3_data, tmp_path):
+    cfg = _cfg(s3_data, str(tmp_path), "gpu", use_gpu=True, resource_timeout_s=2)
+    with pytest.raises(train.ResourceError, match=r"GPU: need 2, cluster has 0.*--use-gpu"):
+        train.fit(cfg, log=lambda _: None)
+    assert not (tmp_path / "gpu" / "config.json").exists()
+
+
+def test_missing_dataset_and_bucket_fail_before_ray_work(s3_data, tmp_path):
+    with pytest.raises(data.DataError, match="s3://cifar-ray-datasets/datasets/nope"):
+        train.fit(_cfg(s3_data, str(tmp_path), "x", dataset="nope"), log=lambda _: None)
+    with pytest.raises(storage.StorageError, match="s3://no-such-bucket-for-runs/runs"):
+        train.fit(_cfg(s3_data, "s3://no-such-bucket-for-runs/runs", "x"), log=lambda _: None)
