@@ -134,6 +134,8 @@ class PrepareConfig(_Config):
                        "when the source has none")
     shard_size: int = _f(10000, "images per Parquet shard (30 MB of pixels per 10,000)")
     seed: int = _f(0, "seed for the validation split and the shard order")
+    max_per_class: int | None = _f(None, "folder source: keep the first N images of each class "
+                                   "per split (quick real-data runs and benchmarks)")
     synthetic_size: int = _f(2000, "train+val images of the synthetic source (test gets "
                              "a fifth of that more)")
 
@@ -145,6 +147,8 @@ class PrepareConfig(_Config):
         _check_name(self.dataset, "--dataset")
         _check(self.val_size >= 0, "--val-size", f"{self.val_size}; must be >= 0")
         _check(self.shard_size > 0, "--shard-size", f"{self.shard_size}; must be > 0")
+        _check(self.max_per_class is None or self.max_per_class > 0, "--max-per-class",
+               f"{self.max_per_class}; must be > 0")
         _check(self.synthetic_size >= 20, "--synthetic-size",
                f"{self.synthetic_size}; must be >= 20")
 

@@ -183,9 +183,11 @@ def _iter_folder(uri: str):
             raise DataError(f"{storage.display(uri)}: not a folder or tar archive ({e})") from e
 
 
-def read_folder(uri: str) -> tuple[dict[str, Split], list[str]]:
-    """`[<split>/]<class>/<file>.{png,jpg}` in a folder or tar; classes sorted by name."""
+def read_folder(uri: str, max_per_class: int | None = None) -> tuple[dict[str, Split], list[str]]:
+    """`[<split>/]<class>/<file>.{png,jpg}` in a folder or tar; classes sorted by name.
+    With `max_per_class`, only the first N files of each (split, class) are decoded."""
     items: list[tuple[str, str, np.ndarray]] = []  # (split, class, pixels)
+    taken: dict[tuple[str, str], int] = {}
     where = storage.display(uri)
     for rel, data in _iter_folder(uri):
         parts = rel.split("/")
@@ -195,6 +197,9 @@ def read_folder(uri: str) -> tuple[dict[str, Split], list[str]]:
             split, cls = "train", parts[-2]
         else:
             raise DataError(f"{where}/{rel}: expected [<split>/]<class>/<file>")
+        taken[split, cls] = taken.get((split, cls), 0) + 1
+        if max_per_class is not None and taken[split, cls] > max_per_class:
+            continue
         items.append((split, cls, _decode(data, f"{where}/{rel}")))
     if not items:
         raise DataError(f"{where}: no .png/.jpg images found; expected [<split>/]<class>/<file>")
@@ -274,6 +279,7 @@ def prepared_with(cfg: PrepareConfig) -> dict:
     return {"source": cfg.source,
             "source_uri": storage.display(cfg.source_uri) if cfg.source_uri else None,
             "val_size": cfg.val_size, "seed": cfg.seed, "shard_size": cfg.shard_size,
+            "max_per_class": cfg.max_per_class,
             "synthetic_size": cfg.synthetic_size if cfg.source == "synthetic" else None}
 
 
@@ -296,7 +302,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     if cfg.source == "archive":
         splits, classes = read_archive(cfg.source_uri)
     elif cfg.source == "folder":
-        splits, classes = read_folder(cfg.source_uri)
+        splits, classes = read_folder(cfg.source_uri, cfg.max_per_class)
     elif cfg.source == "torchvision":
         splits, classes = read_torchvision(cfg.source_uri)
     else:

@@ -258,7 +258,8 @@ def init_ray(log=print) -> bool:
         return False
     except ConnectionError:
         log("no Ray cluster found: starting a local instance")
-        ray.init(include_dashboard=False)
+        # Dashboard on loopback: Train V2 cleans up placement groups through the State API.
+        ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
         return True
 
 

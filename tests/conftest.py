@@ -99,7 +99,7 @@ def ray_local(s3_server):
     """One real local Ray instance per module, on loopback, token auth left as Ray sets it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(num_cpus=2, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
              log_to_driver=True)
     try:
         yield ray

@@ -1,0 +1,154 @@
+"""Side-by-side throughput measurements on one machine; prints a table and writes JSON.
+
+    python jobs/benchmark.py --source-uri ../shared/data/cifar10-train-jpeg.tar.gz
+
+Measures, in one run, on a real CIFAR-10 subset (--per-class images of each class):
+  1. phase-2 images/s through Ray Train's TorchTrainer (1 worker holding all --threads)
+     divided by a bare PyTorch loop with the same model, batch, threads and data;
+  2. data pipeline images/s (Parquet read + augment + normalise) divided by phase-2
+     training images/s;
+  3. a phase-1 epoch's time divided by a phase-2 epoch's, with and without feature caching.
+Targets on a 2-core machine: (1) >= 0.95, (2) >= 20, (3) <= 0.1 with caching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, without an install
+
+import torch  # noqa: E402
+
+from cifar_ray import data, engine, model as M, recipe, train  # noqa: E402
+from cifar_ray.config import PhaseConfig, PrepareConfig, TrainConfig  # noqa: E402
+
+
+def _data(cfg: TrainConfig, device="cpu") -> recipe.Data:
+    tr = data.load_split(cfg.dataset_uri(), "train")
+    va = data.load_split(cfg.dataset_uri(), "val")
+    return recipe.Data(engine.to_tensor(tr.images, device), torch.from_numpy(tr.labels),
+                       engine.to_tensor(va.images, device), torch.from_numpy(va.labels))
+
+
+def bare_phase2(cfg: TrainConfig, d: recipe.Data) -> list[float]:
+    """Images/s of each phase-2 epoch in a plain process (no Ray at all)."""
+    hist = recipe.run_phases(cfg, M.build("none", seed=cfg.seed), d, recipe.Runtime(),
+                             report=lambda m, s: None, log=lambda _: None)
+    return [h["images_per_s"] for h in hist]
+
+
+def ray_phase2(cfg: TrainConfig) -> list[float]:
+    """Images/s of each phase-2 epoch through TorchTrainer (read from metrics.jsonl)."""
+    train.fit(cfg, log=lambda _: None)
+    rows = (Path(cfg.run_uri()) / train.METRICS).read_text().splitlines()
+    return [json.loads(r)["images_per_s"] for r in rows]
+
+
+def pipeline(cfg: TrainConfig, batch: int) -> dict:
+    """Read the train split from Parquet, then one epoch of augment + normalise batches."""
+    t0 = time.perf_counter()
+    tr = data.load_split(cfg.dataset_uri(), "train")
+    x = engine.to_tensor(tr.images)
+    read_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for idx in engine.batch_indices(len(x), batch, gen):
+        engine.preprocess(engine.augment(x[idx], gen))
+    aug_s = time.perf_counter() - t0
+    n = len(x)
+    return {"images": n, "read_s": read_s, "augment_s": aug_s,
+            "images_per_s": n / (read_s + aug_s)}
+
+
+def phase_epoch_seconds(cfg: TrainConfig, d: recipe.Data, cache: bool) -> dict:
+    """Per-epoch seconds of phase 1 (first epoch includes feature extraction) and phase 2."""
+    c = dataclasses.replace(cfg, cache_features=cache,
+                            phase1=dataclasses.replace(cfg.phase1, epochs=3))
+    hist = recipe.run_phases(c, M.build("none", seed=c.seed), d, recipe.Runtime(),
+                             report=lambda m, s: None, log=lambda _: None)
+    p1 = [h["seconds"] for h in hist if h["phase"] == 1]
+    p2 = [h["seconds"] for h in hist if h["phase"] == 2]
+    return {"phase1_epoch_s": p1, "phase2_epoch_s": p2,
+            "ratio_mean": (sum(p1) / len(p1)) / (sum(p2) / len(p2)),
+            "ratio_first": p1[0] / (sum(p2) / len(p2))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--source-uri", default="../shared/data/cifar10-train-jpeg.tar.gz")
+    ap.add_argument("--per-class", type=int, default=250, help="real images per class")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default="results/benchmark.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = tempfile.mkdtemp(prefix="cifar-ray-bench-")
+    data.prepare(PrepareConfig(source="folder", source_uri=args.source_uri, data=work,
+                               dataset="bench", val_size=args.per_class,
+                               max_per_class=args.per_class), log=lambda _: None)
+    phase = dict(batch_size=args.batch_size, lr=1e-3)
+    cfg = TrainConfig(data=work, dataset="bench", storage=os.path.join(work, "runs"),
+                      name="bench", workers=1, cpus_per_worker=args.threads, weights="none",
+                      phase1=PhaseConfig(epochs=0, **phase),
+                      phase2=PhaseConfig(epochs=3, augment=True, **phase))
+    d = _data(cfg)
+    results = {"machine": {"cpus": os.cpu_count(), "threads": args.threads,
+                           "cpu": platform.processor() or platform.machine(),
+                           "torch": torch.__version__},
+               "train_images": len(d.train_y), "batch_size": args.batch_size}
+
+    # Steady state: the last of 3 epochs (the first ones include allocator and, under Ray,
+    # freshly started daemons warming up); every epoch's figure is kept in the JSON.
+    bare_all, ray_all = bare_phase2(cfg, d), ray_phase2(cfg)
+    bare, via_ray = bare_all[-1], ray_all[-1]
+    results["1_trainer_vs_bare"] = {"bare_images_per_s": bare, "trainer_images_per_s": via_ray,
+                                    "bare_per_epoch": bare_all, "trainer_per_epoch": ray_all,
+                                    "ratio": via_ray / bare,
+                                    "ratio_of_means": (sum(ray_all) / len(ray_all))
+                                    / (sum(bare_all) / len(bare_all)), "target": ">= 0.95"}
+    pipe = pipeline(cfg, args.batch_size)
+    results["2_pipeline_vs_training"] = {**pipe, "training_images_per_s": bare,
+                                         "ratio": pipe["images_per_s"] / bare,
+                                         "target": ">= 20"}
+    both = dataclasses.replace(cfg, phase2=dataclasses.replace(cfg.phase2, epochs=1))
+    results["3_phase1_vs_phase2"] = {
+        "cached": phase_epoch_seconds(both, d, cache=True),
+        "uncached": phase_epoch_seconds(both, d, cache=False), "target": "<= 0.1 cached"}
+
+    r1, r2, r3 = (results[k] for k in ("1_trainer_vs_bare", "2_pipeline_vs_training",
+                                       "3_phase1_vs_phase2"))
+    rows = [
+        ("1 TorchTrainer / bare loop (phase-2 img/s, 3rd epoch)",
+         f"{r1['trainer_images_per_s']:.1f} / {r1['bare_images_per_s']:.1f}",
+         f"{r1['ratio']:.3f}", ">= 0.95"),
+        ("2 data pipeline / phase-2 training (img/s)",
+         f"{r2['images_per_s']:.0f} / {r2['training_images_per_s']:.1f}",
+         f"{r2['ratio']:.1f}", ">= 20"),
+        ("3 phase-1 / phase-2 epoch, cached (3 epochs)",
+         " / ".join(f"{x:.2f}" for x in r3["cached"]["phase1_epoch_s"]) + " s",
+         f"{r3['cached']['ratio_mean']:.3f}", "<= 0.1"),
+        ("3 phase-1 / phase-2 epoch, uncached (3 epochs)",
+         " / ".join(f"{x:.2f}" for x in r3["uncached"]["phase1_epoch_s"]) + " s",
+         f"{r3['uncached']['ratio_mean']:.3f}", "-"),
+    ]
+    print(f"\n{results['train_images']} real train images, batch {args.batch_size}, "
+          f"{args.threads} threads, {results['machine']['cpu']}, torch {torch.__version__}")
+    print(f"{'measure':54} {'values':>24} {'ratio':>7} {'target':>7}")
+    for r in rows:
+        print(f"{r[0]:54} {r[1]:>24} {r[2]:>7} {r[3]:>7}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
