@@ -41,6 +41,12 @@ def _flag(name: str, prefix: str = "") -> str:
     return "--" + (prefix + name).replace("_", "-")
 
 
+def _nested_prefix(f: dataclasses.Field, prefix: str) -> str:
+    """Flags of a nested config: `--phase2-lr` for field phase2, or unprefixed when the field
+    is marked flatten (a sweep exposes the training job's own flags as they are)."""
+    return prefix if f.metadata.get("flatten") else f"{prefix}{f.name}_"
+
+
 def _check(cond: bool, flag: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{flag}: {msg}")
@@ -85,7 +91,7 @@ class _Config:
             typ = hints[f.name]
             default = getattr(defaults, f.name)
             if dataclasses.is_dataclass(typ):
-                typ.add_arguments(parser, prefix=f"{prefix}{f.name}_", defaults=default)
+                typ.add_arguments(parser, prefix=_nested_prefix(f, prefix), defaults=default)
                 continue
             flag = _flag(f.name, prefix)
             help_ = f.metadata.get("help", "") + f" (default: {default})"
@@ -113,7 +119,7 @@ class _Config:
         for f in dataclasses.fields(cls):
             typ = hints[f.name]
             if dataclasses.is_dataclass(typ):
-                kwargs[f.name] = typ.from_args(ns, prefix=f"{prefix}{f.name}_")
+                kwargs[f.name] = typ.from_args(ns, prefix=_nested_prefix(f, prefix))
             else:
                 kwargs[f.name] = getattr(ns, prefix + f.name)
         return cls(**kwargs)
@@ -212,6 +218,9 @@ class TrainConfig(_Config):
     max_failures: int = _f(0, "worker-group restarts from the latest checkpoint before failing")
     resource_timeout_s: float = _f(120.0, "seconds to wait for the cluster to offer the "
                                    "requested workers (autoscaling) before failing")
+    ray_log_level: str = _f("WARNING", "level of Ray Train's own console logs (INFO shows "
+                            "every report and checkpoint)",
+                            choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     overwrite: bool = _f(False, "replace a finished run of the same name instead of refusing")
     seed: int = _f(0, "seed for initialisation, shuffling and augmentation")
     smoke: bool = _f(False, "synthetic data, --weights none, 1+1 epochs, 2 CPU workers")
@@ -242,6 +251,8 @@ class TrainConfig(_Config):
                f"{self.keep_checkpoints}; must be >= 1")
         _check(self.max_failures >= -1, "--max-failures",
                f"{self.max_failures}; must be >= 0 (or -1 for unlimited)")
+        _check(self.ray_log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "--ray-log-level",
+               f"{self.ray_log_level!r}; choose DEBUG, INFO, WARNING or ERROR")
         _check(self.resource_timeout_s >= 0, "--resource-timeout-s",
                f"{self.resource_timeout_s}; must be >= 0")
 
@@ -273,3 +284,68 @@ class TrainConfig(_Config):
         from cifar_ray.storage import join
 
         return join(self.data, self.dataset)
+
+
+SCHEDULERS = ("asha", "fifo")
+DEFAULT_LRS = (3e-5, 1e-4, 3e-4, 1e-3)  # half-decades around the phase-2 default 1e-4
+
+
+@dataclass(frozen=True)
+class SweepConfig(_Config):
+    """A Ray Tune sweep of the phase-2 learning rate: phase 1 once, one TorchTrainer per trial.
+
+    The training flags (--data, --storage, --name, --workers, --phase2-epochs, ...) are the
+    train job's own; --name names the experiment and --workers counts workers per trial."""
+
+    train: TrainConfig = _f(TrainConfig(name="lr-sweep"), "the training job every trial runs",
+                            flatten=True)
+    lrs: list[float] | None = _f(None, "explicit grid of phase-2 learning rates (default "
+                                "without --lr-range: 3e-5 1e-4 3e-4 1e-3)")
+    lr_range: list[float] | None = _f(None, "LOW HIGH: sample --samples phase-2 LRs "
+                                      "log-uniformly instead of a grid")
+    samples: int = _f(4, "how many LRs to sample from --lr-range")
+    weight_decays: list[float] | None = _f(None, "also sweep phase-2 weight decay (a grid "
+                                           "crossed with the LRs)")
+    scheduler: str = _f("asha", "asha (early stopping on val accuracy) or fifo (full grid)",
+                        choices=SCHEDULERS)
+    grace_period: int = _f(1, "ASHA: phase-2 epochs every trial runs before it may be stopped")
+    reduction_factor: int = _f(2, "ASHA: keep 1/reduction_factor of trials at each rung")
+    max_concurrent_trials: int | None = _f(None, "trials at once (default: as many as the "
+                                           "cluster's CPUs/GPUs fit)")
+    resume: bool = _f(False, "continue the experiment --name after the driver died")
+
+    def __post_init__(self):
+        if self.lrs is not None:
+            _check(len(self.lrs) > 0, "--lrs", "give at least one learning rate")
+            _check(all(lr > 0 for lr in self.lrs), "--lrs", f"{self.lrs}; every LR must be > 0")
+            _check(self.lr_range is None, "--lr-range", "use either --lrs or --lr-range")
+        if self.lr_range is not None:
+            _check(len(self.lr_range) == 2, "--lr-range", "takes two values: LOW HIGH")
+            low, high = self.lr_range
+            _check(0 < low < high, "--lr-range", f"{low} {high}; need 0 < LOW < HIGH")
+            _check(self.samples >= 1, "--samples", f"{self.samples}; must be >= 1")
+        if self.weight_decays is not None:
+            _check(len(self.weight_decays) > 0 and all(w >= 0 for w in self.weight_decays),
+                   "--weight-decays", f"{self.weight_decays}; non-empty, each >= 0")
+        _check(self.scheduler in SCHEDULERS, "--scheduler",
+               f"{self.scheduler!r}; choose one of {SCHEDULERS}")
+        _check(self.train.phase2.epochs >= 1, "--phase2-epochs",
+               "a sweep of the phase-2 LR needs phase-2 epochs >= 1")
+        _check(1 <= self.grace_period <= self.train.phase2.epochs, "--grace-period",
+               f"{self.grace_period}; must be in [1, {self.train.phase2.epochs}] "
+               "(the phase-2 epochs)")
+        _check(self.reduction_factor >= 2, "--reduction-factor",
+               f"{self.reduction_factor}; must be >= 2")
+        _check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
+               "--max-concurrent-trials", f"{self.max_concurrent_trials}; must be >= 1")
+
+    def with_smoke(self) -> SweepConfig:
+        """--smoke: 3 LRs on synthetic data, CPU, 1 + 2 epochs, one worker per trial."""
+        if not self.train.smoke:
+            return self
+        t = self.train.with_smoke()
+        t = dataclasses.replace(
+            t, workers=1, name=self.train.name if self.train.name != "lr-sweep" else "smoke-sweep",
+            phase2=dataclasses.replace(t.phase2, epochs=2))
+        return dataclasses.replace(self, train=t, lrs=self.lrs or [3e-5, 3e-4, 3e-3],
+                                   lr_range=None, grace_period=1)

@@ -275,12 +275,14 @@ def _table(s: Split) -> pa.Table:
 
 
 def prepared_with(cfg: PrepareConfig) -> dict:
-    """The arguments that determine a dataset's contents (recorded in its manifest)."""
-    return {"source": cfg.source,
+    """The arguments that determine a dataset's contents (recorded in its manifest); unset
+    ones are left out, so a manifest from before an option existed still matches."""
+    args = {"source": cfg.source,
             "source_uri": storage.display(cfg.source_uri) if cfg.source_uri else None,
             "val_size": cfg.val_size, "seed": cfg.seed, "shard_size": cfg.shard_size,
             "max_per_class": cfg.max_per_class,
             "synthetic_size": cfg.synthetic_size if cfg.source == "synthetic" else None}
+    return {k: v for k, v in args.items() if v is not None}
 
 
 def prepare(cfg: PrepareConfig, log=print) -> dict:
@@ -289,7 +291,8 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     manifest_uri = storage.join(root, MANIFEST)
     if storage.exists(manifest_uri):
         manifest = json.loads(storage.read_bytes(manifest_uri))
-        if manifest.get("prepared_with") != prepared_with(cfg):
+        stored = {k: v for k, v in manifest.get("prepared_with", {}).items() if v is not None}
+        if stored != prepared_with(cfg):
             raise DataError(
                 f"{storage.display(root)} already holds a dataset prepared with "
                 f"{manifest.get('prepared_with')}; refusing to overwrite it with "

@@ -131,11 +131,11 @@ def run_phases(cfg: TrainConfig, model: Classifier, data: Data, rt: Runtime, rep
                 module.train()
             else:
                 train_mode(model, phase)
-            lr = scheduler.get_last_lr()[0]
             tr = engine.train_one_epoch(wrapped, train_x, data.train_y, batch_size=per_rank_batch,
                                         optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
                                         transform=transform_train, gen=gen_cpu,
                                         amp_dtype=rt.amp_dtype)
+            lr = optimizer.param_groups[0]["lr"]  # where the schedule stands after this epoch
             va = engine.evaluate(module, val_x, data.val_y, batch_size=eval_batch,
                                  transform=transform_eval, amp_dtype=rt.amp_dtype)
             sums = rt.reduce([tr["loss_sum"], tr["correct"], tr["count"],

@@ -66,7 +66,8 @@ class StorageError(UserError, RuntimeError):
 def _wrap(uri: str, what: str, e: Exception) -> StorageError:
     msg = str(e)
     hint = ""
-    if "AWS Error ACCESS_DENIED" in msg or "InvalidAccessKeyId" in msg or "403" in msg:
+    if any(t in msg for t in ("ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                              "response code: 403")):
         hint = " (credentials were refused: check AWS_ACCESS_KEY_ID / profile / role)"
     elif "NoSuchBucket" in msg or "NO_SUCH_BUCKET" in msg or "does not exist" in msg:
         hint = " (the bucket does not exist)"
@@ -129,12 +130,13 @@ def delete_dir(uri: str) -> None:
 def check_writable(uri: str) -> None:
     """Fail fast, naming the URI, if storage is unreachable, missing or read-only."""
     probe = join(uri, f".cifar-ray-write-probe-{uuid.uuid4().hex[:8]}")
-    write_bytes(probe, b"ok")
-    fs, path = resolve(probe)
     try:
+        write_bytes(probe, b"ok")
+        fs, path = resolve(probe)
         fs.delete_file(path)
-    except OSError as e:
-        raise _wrap(uri, "delete of write probe", e) from e
+    except (StorageError, OSError) as e:
+        cause = e.__cause__ or e
+        raise _wrap(uri, "writing a probe file", cause) from e
 
 
 def open_input(uri: str) -> io.IOBase:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -33,7 +34,7 @@ from cifar_ray.recipe import Data, Runtime, evaluate_split, run_phases
 CONFIG, METRICS, FINAL, RESULT = "config.json", "metrics.jsonl", "model_final.pt", "result.json"
 # Fields that may change between a run and its resumption: they say how to run, not what.
 OPERATIONAL = {"workers", "use_gpu", "cpus_per_worker", "max_failures", "resource_timeout_s",
-               "overwrite", "smoke", "data", "storage", "keep_checkpoints"}
+               "overwrite", "smoke", "data", "storage", "keep_checkpoints", "ray_log_level"}
 # Passed to every worker so that each node reaches the same object store endpoint. Keys and
 # secrets are deliberately absent: workers get credentials from their own chain (roles).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
@@ -48,6 +49,12 @@ class ResourceError(UserError, RuntimeError):
 
 
 # ---------------------------------------------------------------- on each worker
+
+
+def _say(line: str) -> None:
+    """One line to the driver. Train V2 patches print() to log AND echo, so a plain print in
+    a worker shows twice; the process's own stdout shows it once."""
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -108,7 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
         with ckpt.as_directory() as d:
             resume = checkpoint.load_dir(d)
         if rank == 0:
-            print(f"resuming from {ckpt.path}: phase {resume['phase']}, "
+            _say(f"resuming from {ckpt.path}: phase {resume['phase']}, "
                   f"epoch {resume['epoch'] + 1} done")
 
     run_uri = cfg.run_uri()
@@ -129,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
                                                  f"-e{metrics['epoch']:03d}")
 
     run_phases(cfg, model, train_data, rt, report, resume,
-               log=print if rank == 0 else (lambda _: None))
+               log=_say if rank == 0 else (lambda _: None))
     if rank == 0:
         buf = tempfile.SpooledTemporaryFile()
         torch.save(model.state_dict(), buf)
@@ -298,7 +305,8 @@ def _fit(cfg: TrainConfig, manifest: dict, log) -> dict:
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_acc",
                 checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            worker_runtime_env=worker_env()))
+            worker_runtime_env=worker_env(),
+            logging_config=ray.train.LoggingConfig(log_level=cfg.ray_log_level)))
     result = trainer.fit()
     wall = time.time() - t0
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])

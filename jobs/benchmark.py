@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, withou
 
 import torch  # noqa: E402
 
-from cifar_ray import data, engine, model as M, recipe, train  # noqa: E402
+from cifar_ray import data, engine, recipe, train  # noqa: E402
+from cifar_ray import model as M
 from cifar_ray.config import PhaseConfig, PrepareConfig, TrainConfig  # noqa: E402
 
 
@@ -43,6 +44,17 @@ def bare_phase2(cfg: TrainConfig, d: recipe.Data) -> list[float]:
     hist = recipe.run_phases(cfg, M.build("none", seed=cfg.seed), d, recipe.Runtime(),
                              report=lambda m, s: None, log=lambda _: None)
     return [h["images_per_s"] for h in hist]
+
+
+def bare_phase2_beside_idle_ray(cfg: TrainConfig, d: recipe.Data) -> list[float]:
+    """The bare loop again while a local Ray instance idles: what Ray's daemons alone cost."""
+    import ray
+
+    ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+    try:
+        return bare_phase2(cfg, d)
+    finally:
+        ray.shutdown()
 
 
 def ray_phase2(cfg: TrainConfig) -> list[float]:
@@ -108,9 +120,12 @@ def main() -> int:
     # Steady state: the last of 3 epochs (the first ones include allocator and, under Ray,
     # freshly started daemons warming up); every epoch's figure is kept in the JSON.
     bare_all, ray_all = bare_phase2(cfg, d), ray_phase2(cfg)
+    idle_all = bare_phase2_beside_idle_ray(cfg, d)
     bare, via_ray = bare_all[-1], ray_all[-1]
     results["1_trainer_vs_bare"] = {"bare_images_per_s": bare, "trainer_images_per_s": via_ray,
                                     "bare_per_epoch": bare_all, "trainer_per_epoch": ray_all,
+                                    "bare_beside_idle_ray_per_epoch": idle_all,
+                                    "bare_beside_idle_ray_ratio": idle_all[-1] / bare,
                                     "ratio": via_ray / bare,
                                     "ratio_of_means": (sum(ray_all) / len(ray_all))
                                     / (sum(bare_all) / len(bare_all)), "target": ">= 0.95"}
@@ -129,6 +144,9 @@ def main() -> int:
         ("1 TorchTrainer / bare loop (phase-2 img/s, 3rd epoch)",
          f"{r1['trainer_images_per_s']:.1f} / {r1['bare_images_per_s']:.1f}",
          f"{r1['ratio']:.3f}", ">= 0.95"),
+        ("1b bare loop beside an idle Ray / bare loop",
+         f"{r1['bare_beside_idle_ray_per_epoch'][-1]:.1f} / {r1['bare_images_per_s']:.1f}",
+         f"{r1['bare_beside_idle_ray_ratio']:.3f}", "-"),
         ("2 data pipeline / phase-2 training (img/s)",
          f"{r2['images_per_s']:.0f} / {r2['training_images_per_s']:.1f}",
          f"{r2['ratio']:.1f}", ">= 20"),

@@ -52,3 +52,10 @@ def test_dataset_prepared_on_s3_reads_back(bucket):
     assert storage.list_dir(root) == ["manifest.json", "test", "train", "val"]
     tr = data.load_split(root, "train", rank=1, world=2, equal=True)
     assert tr.images.shape == (40, 32, 32, 3)
+
+
+def test_unreachable_endpoint_is_named(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
+    with pytest.raises(storage.StorageError,
+                       match=r"^s3://some-bucket/runs: writing a probe file failed"):
+        storage.check_writable("s3://some-bucket/runs")

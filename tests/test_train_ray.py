@@ -8,6 +8,7 @@ TorchTrainer with 2 gloo workers, real checkpoints in the bucket, real process k
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -158,6 +159,13 @@ def test_failed_run_resumes_by_name_and_refuses_a_changed_recipe(s3_data, tmp_pa
     assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
     assert sum("restored_from" in r for r in rows) == 1
     assert summary["epochs"] == 3 and (run / "result.json").exists()
+
+    # Finished now: the same name is refused, unless --overwrite asks for a fresh run.
+    with pytest.raises(train.RunExistsError, match="--overwrite"):
+        train.fit(cfg, log=lambda _: None)
+    train.fit(dataclasses.replace(cfg, overwrite=True), log=lambda _: None)
+    rows = _rows(cfg.run_uri())
+    assert len(rows) == 3 and not any("restored_from" in r for r in rows)
 
 
 def test_more_gpus_than_the_cluster_has_fails_after_a_bounded_wait(s3_data, tmp_path):
