@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -80,10 +81,10 @@ def pipeline(cfg: TrainConfig, batch: int) -> dict:
             "images_per_s": n / (read_s + aug_s)}
 
 
-def phase_epoch_seconds(cfg: TrainConfig, d: recipe.Data, cache: bool) -> dict:
+def phase_epoch_seconds(cfg: TrainConfig, d: recipe.Data, cache: bool, epochs: int) -> dict:
     """Per-epoch seconds of phase 1 (first epoch includes feature extraction) and phase 2."""
     c = dataclasses.replace(cfg, cache_features=cache,
-                            phase1=dataclasses.replace(cfg.phase1, epochs=3))
+                            phase1=dataclasses.replace(cfg.phase1, epochs=epochs))
     hist = recipe.run_phases(c, M.build("none", seed=c.seed), d, recipe.Runtime(),
                              report=lambda m, s: None, log=lambda _: None)
     p1 = [h["seconds"] for h in hist if h["phase"] == 1]
@@ -110,22 +111,22 @@ def main() -> int:
     cfg = TrainConfig(data=work, dataset="bench", storage=os.path.join(work, "runs"),
                       name="bench", workers=1, cpus_per_worker=args.threads, weights="none",
                       phase1=PhaseConfig(epochs=0, **phase),
-                      phase2=PhaseConfig(epochs=3, augment=True, **phase))
+                      phase2=PhaseConfig(epochs=4, augment=True, **phase))
     d = _data(cfg)
     results = {"machine": {"cpus": os.cpu_count(), "threads": args.threads,
                            "cpu": platform.processor() or platform.machine(),
                            "torch": torch.__version__},
                "train_images": len(d.train_y), "batch_size": args.batch_size}
 
-    # Steady state: the last of 3 epochs (the first ones include allocator and, under Ray,
+    # Steady state: the median of epochs 2-4 (the first includes allocator and, under Ray,
     # freshly started daemons warming up); every epoch's figure is kept in the JSON.
     bare_all, ray_all = bare_phase2(cfg, d), ray_phase2(cfg)
     idle_all = bare_phase2_beside_idle_ray(cfg, d)
-    bare, via_ray = bare_all[-1], ray_all[-1]
+    bare, via_ray, idle = (statistics.median(x[1:]) for x in (bare_all, ray_all, idle_all))
     results["1_trainer_vs_bare"] = {"bare_images_per_s": bare, "trainer_images_per_s": via_ray,
                                     "bare_per_epoch": bare_all, "trainer_per_epoch": ray_all,
                                     "bare_beside_idle_ray_per_epoch": idle_all,
-                                    "bare_beside_idle_ray_ratio": idle_all[-1] / bare,
+                                    "bare_beside_idle_ray_ratio": idle / bare,
                                     "ratio": via_ray / bare,
                                     "ratio_of_means": (sum(ray_all) / len(ray_all))
                                     / (sum(bare_all) / len(bare_all)), "target": ">= 0.95"}
@@ -135,30 +136,36 @@ def main() -> int:
                                          "target": ">= 20"}
     both = dataclasses.replace(cfg, phase2=dataclasses.replace(cfg.phase2, epochs=1))
     results["3_phase1_vs_phase2"] = {
-        "cached": phase_epoch_seconds(both, d, cache=True),
-        "uncached": phase_epoch_seconds(both, d, cache=False), "target": "<= 0.1 cached"}
+        # Cached: the default 10 phase-1 epochs, so the one-off feature pass is amortised
+        # as in a real run; uncached epochs all cost the same, 3 show it.
+        "cached": phase_epoch_seconds(both, d, cache=True, epochs=TrainConfig().phase1.epochs),
+        "uncached": phase_epoch_seconds(both, d, cache=False, epochs=3),
+        "target": "<= 0.1 cached"}
 
     r1, r2, r3 = (results[k] for k in ("1_trainer_vs_bare", "2_pipeline_vs_training",
                                        "3_phase1_vs_phase2"))
+    c1, u1 = r3["cached"]["phase1_epoch_s"], r3["uncached"]["phase1_epoch_s"]
     rows = [
-        ("1 TorchTrainer / bare loop (phase-2 img/s, 3rd epoch)",
+        ("1 TorchTrainer / bare loop (phase-2 img/s)",
          f"{r1['trainer_images_per_s']:.1f} / {r1['bare_images_per_s']:.1f}",
          f"{r1['ratio']:.3f}", ">= 0.95"),
         ("1b bare loop beside an idle Ray / bare loop",
-         f"{r1['bare_beside_idle_ray_per_epoch'][-1]:.1f} / {r1['bare_images_per_s']:.1f}",
+         f"{idle:.1f} / {r1['bare_images_per_s']:.1f}",
          f"{r1['bare_beside_idle_ray_ratio']:.3f}", "-"),
         ("2 data pipeline / phase-2 training (img/s)",
          f"{r2['images_per_s']:.0f} / {r2['training_images_per_s']:.1f}",
          f"{r2['ratio']:.1f}", ">= 20"),
-        ("3 phase-1 / phase-2 epoch, cached (3 epochs)",
-         " / ".join(f"{x:.2f}" for x in r3["cached"]["phase1_epoch_s"]) + " s",
+        ("3 phase-1 / phase-2 epoch, cached (mean of 10)",
+         f"{c1[0]:.2f}, then {c1[1]:.2f} s",
          f"{r3['cached']['ratio_mean']:.3f}", "<= 0.1"),
-        ("3 phase-1 / phase-2 epoch, uncached (3 epochs)",
-         " / ".join(f"{x:.2f}" for x in r3["uncached"]["phase1_epoch_s"]) + " s",
+        ("3 phase-1 / phase-2 epoch, uncached (mean of 3)",
+         f"{u1[0]:.2f}, then {u1[1]:.2f} s",
          f"{r3['uncached']['ratio_mean']:.3f}", "-"),
     ]
-    print(f"\n{results['train_images']} real train images, batch {args.batch_size}, "
-          f"{args.threads} threads, {results['machine']['cpu']}, torch {torch.__version__}")
+    p2 = r3["cached"]["phase2_epoch_s"][0]
+    print(f"\nphase-2 epoch: {p2:.1f} s; {results['train_images']} real train images, "
+          f"batch {args.batch_size}, {args.threads} threads, {results['machine']['cpu']}, "
+          f"torch {torch.__version__}")
     print(f"{'measure':54} {'values':>24} {'ratio':>7} {'target':>7}")
     for r in rows:
         print(f"{r[0]:54} {r[1]:>24} {r[2]:>7} {r[3]:>7}")
