@@ -2,6 +2,8 @@
 
     cifar-ray prepare-data --source folder --source-uri ../shared/data/cifar10-train-jpeg.tar.gz
     cifar-ray train --smoke
+    cifar-ray tune --smoke
+    cifar-ray inspect results/smoke-sweep --plots reports/
     cifar-ray evaluate results/smoke/checkpoint-p2-e000 --split test
 
 Flags come from the config dataclasses (config.py): `cifar-ray train --help` lists them all.
@@ -15,7 +17,7 @@ import argparse
 import json
 import sys
 
-from cifar_ray.config import PrepareConfig, TrainConfig, UserError
+from cifar_ray.config import PrepareConfig, SweepConfig, TrainConfig, UserError
 
 
 def _prepare(ns: argparse.Namespace) -> int:
@@ -29,6 +31,25 @@ def _train(ns: argparse.Namespace) -> int:
     from cifar_ray import train
 
     train.fit(TrainConfig.from_args(ns))
+    return 0
+
+
+def _tune(ns: argparse.Namespace) -> int:
+    from cifar_ray import tune
+
+    tune.sweep(SweepConfig.from_args(ns))
+    return 0
+
+
+def _inspect(ns: argparse.Namespace) -> int:
+    from cifar_ray import results, storage
+
+    exp = storage.normalize(ns.experiment)
+    info = results.load(exp)
+    print(json.dumps(results.to_json(info), indent=2) if ns.json else results.table(info))
+    if ns.plots:
+        for path in results.plots(exp, info, ns.plots):
+            print(f"wrote {path}", file=sys.stderr if ns.json else sys.stdout)
     return 0
 
 
@@ -54,6 +75,14 @@ def parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="two-phase training on Ray Train")
     TrainConfig.add_arguments(tr)
     tr.set_defaults(run=_train)
+    tu = sub.add_parser("tune", help="Ray Tune sweep of the phase-2 learning rate")
+    SweepConfig.add_arguments(tu)
+    tu.set_defaults(run=_tune)
+    ins = sub.add_parser("inspect", help="read a sweep from storage: table, JSON, plots")
+    ins.add_argument("experiment", help="experiment folder: <storage>/<name> (path or s3://)")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
+    ins.set_defaults(run=_inspect)
     ev = sub.add_parser("evaluate", help="accuracy of a checkpoint on a split")
     ev.add_argument("checkpoint", help="checkpoint folder: path or s3:// URI")
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))

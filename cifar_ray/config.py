@@ -214,6 +214,8 @@ class TrainConfig(_Config):
     phase2: PhaseConfig = _f(PHASE2, "phase 2: everything trainable, low LR")
     cache_features: bool = _f(True, "phase 1: compute frozen-backbone features once and train "
                               "the head on them (needs --no-phase1-augment)")
+    init_checkpoint: str | None = _f(None, "start from this checkpoint (path/URI) when the run "
+                                     "has none of its own; sweeps pass their shared phase 1")
     keep_checkpoints: int = _f(2, "checkpoints kept (best by val accuracy)")
     max_failures: int = _f(0, "worker-group restarts from the latest checkpoint before failing")
     resource_timeout_s: float = _f(120.0, "seconds to wait for the cluster to offer the "

@@ -114,9 +114,13 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = checkpoint.load_dir(d)
-        if rank == 0:
-            _say(f"resuming from {ckpt.path}: phase {resume['phase']}, "
-                  f"epoch {resume['epoch'] + 1} done")
+        source = ckpt.path
+    elif cfg.init_checkpoint:  # a sweep trial starts from the shared phase 1
+        resume = checkpoint.load_uri(cfg.init_checkpoint)
+        check_init_compatible(cfg, resume["config"], cfg.init_checkpoint)
+        source = storage.display(cfg.init_checkpoint)
+    if resume is not None and rank == 0:
+        _say(f"starting from {source}: phase {resume['phase']}, epoch {resume['epoch'] + 1} done")
 
     run_uri = cfg.run_uri()
 
@@ -142,6 +146,19 @@ def train_loop_per_worker(config: dict) -> None:
         torch.save(model.state_dict(), buf)
         buf.seek(0)
         storage.write_bytes(storage.join(run_uri, FINAL), buf.read())
+
+
+# Fields of the phase-1 recipe that a checkpoint given as --init-checkpoint must share.
+PHASE1_FIELDS = ("dataset", "weights", "weights_sha256", "image_size", "phase1",
+                 "cache_features", "seed")
+
+
+def check_init_compatible(cfg: TrainConfig, stored: dict, uri: str) -> None:
+    ours = cfg.to_dict()
+    diff = [k for k in PHASE1_FIELDS if stored.get(k) != ours[k]]
+    if diff:
+        raise checkpoint.CheckpointError(
+            f"--init-checkpoint {storage.display(uri)}: trained with different {', '.join(diff)}")
 
 
 # ---------------------------------------------------------------- evaluation task
@@ -213,7 +230,7 @@ def preflight(cfg: TrainConfig, log=print) -> dict:
     return manifest
 
 
-def _needed(cfg: TrainConfig) -> dict[str, float]:
+def needed_resources(cfg: TrainConfig) -> dict[str, float]:
     need = {"CPU": float(cfg.workers * cfg.cpus_per_worker)}
     if cfg.use_gpu:
         need["GPU"] = float(cfg.workers)
@@ -223,7 +240,7 @@ def _needed(cfg: TrainConfig) -> dict[str, float]:
 def wait_for_resources(cfg: TrainConfig, timeout_s: float, log=print) -> None:
     """Ray Train would wait forever for workers the cluster cannot place; wait a bounded
     time (an autoscaler may be adding nodes), then fail saying what is missing."""
-    need = _needed(cfg)
+    need = needed_resources(cfg)
     deadline = time.monotonic() + timeout_s
     said = False
     while True:
@@ -282,17 +299,35 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     try:
         # A cluster we just started cannot grow: no point waiting for it.
         wait_for_resources(cfg, 0.0 if started_here else cfg.resource_timeout_s, log)
-        return _fit(cfg, manifest, log)
+        return run_and_evaluate(cfg, manifest, log)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _fit(cfg: TrainConfig, manifest: dict, log) -> dict:
-    run_uri = cfg.run_uri()
-    storage.write_bytes(storage.join(run_uri, CONFIG), json.dumps(cfg.to_dict(), indent=2).encode())
-    t0 = time.time()
-    trainer = TorchTrainer(
+def write_config(cfg: TrainConfig) -> None:
+    storage.write_bytes(storage.join(cfg.run_uri(), CONFIG),
+                        json.dumps(cfg.to_dict(), indent=2).encode())
+
+
+def read_metrics(run_uri: str) -> list[dict]:
+    """The per-epoch rows of a run (empty before its first epoch)."""
+    uri = storage.join(run_uri, METRICS)
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines()]
+
+
+def evaluate_remote(ckpt_uri: str, cfg: TrainConfig, split: str) -> dict:
+    """evaluate_checkpoint as a Ray task with one worker's resources (its GPU, if any)."""
+    task = ray.remote(evaluate_checkpoint).options(
+        num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0,
+        runtime_env=worker_env())
+    return ray.get(task.remote(ckpt_uri, cfg, split))
+
+
+def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrainer:
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ray.train.ScalingConfig(
@@ -306,13 +341,20 @@ def _fit(cfg: TrainConfig, manifest: dict, log) -> dict:
                 checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env=worker_env(),
-            logging_config=ray.train.LoggingConfig(log_level=cfg.ray_log_level)))
-    result = trainer.fit()
+            logging_config=ray.train.LoggingConfig(log_level=cfg.ray_log_level),
+            callbacks=callbacks))
+
+
+def run_and_evaluate(cfg: TrainConfig, manifest: dict, log=print) -> dict:
+    """Fit the run, evaluate its best checkpoint, write result.json (last) and return it."""
+    run_uri = cfg.run_uri()
+    write_config(cfg)
+    t0 = time.time()
+    result = build_trainer(cfg).fit()
     wall = time.time() - t0
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_acc"])
     best_uri = storage.join(run_uri, os.path.basename(best_ckpt.path.rstrip("/")))
-    history = [json.loads(line) for line in
-               storage.read_bytes(storage.join(run_uri, METRICS)).decode().splitlines()]
+    history = read_metrics(run_uri)
     summary = {"name": cfg.name, "run": storage.display(run_uri), "wall_seconds": round(wall, 1),
                "epochs": len(history), "best_checkpoint": storage.display(best_uri),
                "best_val_acc": best_metrics["val_acc"],
@@ -321,10 +363,7 @@ def _fit(cfg: TrainConfig, manifest: dict, log) -> dict:
     split = "test" if "test" in manifest["splits"] else "val"
     if split == "val":
         log("the dataset has no test split: reporting the best checkpoint's val accuracy")
-    task = ray.remote(evaluate_checkpoint).options(
-        num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0,
-        runtime_env=worker_env())
-    ev = ray.get(task.remote(best_uri, cfg, split))
+    ev = evaluate_remote(best_uri, cfg, split)
     summary.update({f"{split}_acc": ev["accuracy"], f"{split}_loss": ev["loss"],
                     "evaluated_split": split, "evaluated_images": ev["count"]})
     storage.write_bytes(storage.join(run_uri, RESULT), json.dumps(summary, indent=2).encode())

@@ -1,0 +1,145 @@
+"""The LR sweep on a real local Ray instance with storage on a real S3-protocol server, then
+`inspect` on what it stored.
+
+    python -m pytest -q tests/test_tune_ray.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+from conftest import wait_until
+from PIL import Image
+
+from cifar_ray import data, results, storage, train, tune
+from cifar_ray.cli import main as cli
+from cifar_ray.config import PhaseConfig, PrepareConfig, SweepConfig, TrainConfig
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def s3_data(ray_local, s3_server):
+    boto3.client("s3").create_bucket(Bucket="cifar-ray-tune-data")
+    root = "s3://cifar-ray-tune-data/datasets"
+    data.prepare(PrepareConfig(source="synthetic", data=root, dataset="tiny", val_size=64,
+                               synthetic_size=320), log=lambda _: None)
+    return root
+
+
+def _sweep_cfg(data_root: str, storage_root: str, name: str, **kw) -> SweepConfig:
+    t = TrainConfig(data=data_root, dataset="tiny", storage=storage_root, name=name, workers=1,
+                    weights="none", resource_timeout_s=5,
+                    phase1=PhaseConfig(epochs=1, lr=1e-3, batch_size=64),
+                    phase2=PhaseConfig(epochs=2, lr=1e-3, optimizer="sgd", batch_size=64))
+    return SweepConfig(train=t, **{"lrs": [1e-4, 1e-3, 1e-2], **kw})
+
+
+def _trial_rows(exp: str) -> dict[str, list[dict]]:
+    trials = storage.join(exp, tune.TRIALS)
+    return {n: train.read_metrics(storage.join(trials, n)) for n in storage.list_dir(trials)}
+
+
+def test_asha_sweep_on_s3_runs_phase1_once_and_inspect_reads_it(s3_data, bucket, tmp_path,
+                                                                capsys):
+    cfg = _sweep_cfg(s3_data, f"s3://{bucket}/sweeps", "sw", scheduler="asha", grace_period=1,
+                     reduction_factor=2)
+    best = tune.sweep(cfg, log=lambda _: None)
+    exp = f"s3://{bucket}/sweeps/sw"
+    names = storage.list_dir(exp)
+    assert any(n.startswith("experiment_state") for n in names)
+    assert {"best.json", "phase1", "trials"} <= set(names)
+
+    # Phase 1 ran exactly once: one phase-1 run, no phase-1 checkpoint in any trial, and
+    # every trial's history starts with that run's phase-1 epochs, restored from its checkpoint.
+    phase1_rows = train.read_metrics(storage.join(exp, "phase1"))
+    assert [(r["phase"], r["epoch"]) for r in phase1_rows] == [(1, 0)]
+    rows = _trial_rows(exp)
+    assert len(rows) == 3
+    for name, trial in rows.items():
+        assert [r for r in trial if r["phase"] == 1] == phase1_rows, name
+        assert trial[1]["restored_from"] == {"phase": 1, "epoch": 0}
+        assert not any(n.startswith("checkpoint-p1") for n in
+                       storage.list_dir(storage.join(exp, "trials", name)))
+    assert best["phase1_epochs_saved"] == 2 and best["trials"] == 3
+    assert best["lr"] in (1e-4, 1e-3, 1e-2) and 0 <= best["test_acc"] <= 1
+    assert json.loads(storage.read_bytes(storage.join(exp, "best.json"))) == best
+
+    # The same name again is refused without --resume.
+    with pytest.raises(tune.ExperimentExistsError, match="--resume"):
+        tune.sweep(cfg, log=lambda _: None)
+
+    # inspect: a row per trial, JSON naming the best LR, four PNGs of the expected size.
+    capsys.readouterr()
+    assert cli(["inspect", exp, "--plots", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.lstrip("* ").startswith("trial-") for line in out.splitlines()) == 3
+    assert cli(["inspect", exp, "--json"]) == 0
+    parsed = json.loads(capsys.readouterr().out)
+    assert parsed["best"]["lr"] == best["lr"]
+    assert [t["lr"] for t in parsed["trials"] if t["is_best"]] == [best["lr"]]
+    assert all(t["status"] == "TERMINATED" for t in parsed["trials"])
+    for png in ("learning_curves", "lr_vs_val_acc", "confusion_matrix", "sample_predictions"):
+        with Image.open(tmp_path / "plots" / f"{png}.png") as im:
+            im.load()
+            assert im.size == (800, 600), png
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(s3_data, tmp_path):
+    storage_root = tmp_path / "sweeps"
+    args = [sys.executable, str(REPO / "jobs" / "tune.py"), "--data", s3_data,
+            "--dataset", "tiny", "--storage", str(storage_root), "--name", "kill",
+            "--workers", "1", "--weights", "none", "--phase1-epochs", "1",
+            "--phase1-batch-size", "64", "--phase2-epochs", "2", "--phase2-batch-size", "64",
+            "--phase2-optimizer", "sgd", "--lrs", "1e-4", "1e-3", "1e-2", "--scheduler", "fifo",
+            "--max-concurrent-trials", "1"]
+    exp = str(storage_root / "kill")
+    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Kill once one trial is complete and the next has started.
+        wait_until(lambda: sum(len([r for r in rows if r["phase"] == 2]) == 2
+                               for rows in _trial_rows(exp).values()) >= 1
+                   and len(os.listdir(os.path.join(exp, "trials"))) >= 2, 900,
+                   "one finished trial and a second one started")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    before = {n: r for n, r in _trial_rows(exp).items()
+              if len([x for x in r if x["phase"] == 2]) == 2}
+    assert before
+
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=1200)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = _trial_rows(exp)
+    assert len(after) == 3
+    for name, rows in before.items():
+        assert after[name] == rows, f"finished trial {name} was rerun"
+    assert all(len([r for r in rows if r["phase"] == 2]) == 2 for rows in after.values())
+    assert len(train.read_metrics(os.path.join(exp, "phase1"))) == 1  # still one phase 1
+    assert (Path(exp) / "best.json").exists()
+
+
+def test_bad_sweeps_fail_before_any_trial(s3_data, tmp_path):
+    too_big = _sweep_cfg(s3_data, str(tmp_path), "big")
+    too_big = dataclasses.replace(too_big, train=dataclasses.replace(
+        too_big.train, workers=4, resource_timeout_s=1,
+        phase1=PhaseConfig(epochs=1, batch_size=64), phase2=PhaseConfig(epochs=2, batch_size=64)))
+    with pytest.raises(train.ResourceError, match="CPU: need 4, cluster has 2"):
+        tune.sweep(too_big, log=lambda _: None)
+    assert not (tmp_path / "big").exists()
+    with pytest.raises(tune.ExperimentExistsError, match="--resume: no experiment"):
+        tune.sweep(_sweep_cfg(s3_data, str(tmp_path), "none", resume=True), log=lambda _: None)
+
+
+def test_inspect_of_a_uri_without_an_experiment_is_a_clear_error(tmp_path):
+    with pytest.raises(results.NoExperimentError, match="holds no cifar_ray sweep"):
+        results.load(str(tmp_path))
