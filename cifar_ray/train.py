@@ -13,6 +13,7 @@ epoch), checkpoint-p<phase>-e<epoch>/ (Ray-managed, best K by val accuracy), mod
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -142,10 +143,9 @@ def train_loop_per_worker(config: dict) -> None:
     run_phases(cfg, model, train_data, rt, report, resume,
                log=_say if rank == 0 else (lambda _: None))
     if rank == 0:
-        buf = tempfile.SpooledTemporaryFile()
+        buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
-        buf.seek(0)
-        storage.write_bytes(storage.join(run_uri, FINAL), buf.read())
+        storage.write_bytes(storage.join(run_uri, FINAL), buf.getvalue())
 
 
 # Fields of the phase-1 recipe that a checkpoint given as --init-checkpoint must share.

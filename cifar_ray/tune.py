@@ -49,7 +49,7 @@ def phase1_config(cfg: SweepConfig) -> TrainConfig:
     """The shared phase-1 run: the sweep's own recipe with no phase 2."""
     t = cfg.train
     return dataclasses.replace(t, name=PHASE1, storage=t.run_uri(), overwrite=False,
-                               phase2=dataclasses.replace(t.phase2, epochs=0))
+                               phase2=dataclasses.replace(t.phase2, epochs=0, warmup_epochs=0))
 
 
 def phase1_checkpoint(cfg: SweepConfig) -> str:
@@ -118,6 +118,7 @@ def sweep(cfg: SweepConfig, log=print) -> dict:
                             storage=storage.normalize(cfg.train.storage))
     cfg = dataclasses.replace(cfg, train=t)
     manifest = data.read_manifest(t.dataset_uri())
+    phase1_config(cfg)  # derived configs validate here, before Ray starts
     storage.check_writable(t.storage)
     resuming = check_experiment(cfg)
     started_here = train.init_ray(log)

@@ -40,7 +40,9 @@ def _sweep_cfg(data_root: str, storage_root: str, name: str, **kw) -> SweepConfi
     t = TrainConfig(data=data_root, dataset="tiny", storage=storage_root, name=name, workers=1,
                     weights="none", resource_timeout_s=5,
                     phase1=PhaseConfig(epochs=1, lr=1e-3, batch_size=64),
-                    phase2=PhaseConfig(epochs=2, lr=1e-3, optimizer="sgd", batch_size=64))
+                    # Plain SGD: no optimizer state, so the smallest checkpoints to upload.
+                    phase2=PhaseConfig(epochs=2, lr=1e-3, optimizer="sgd", momentum=0.0,
+                                       batch_size=64))
     return SweepConfig(train=t, **{"lrs": [1e-4, 1e-3, 1e-2], **kw})
 
 
@@ -100,19 +102,28 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(s3_data, tmp_pa
             "--dataset", "tiny", "--storage", str(storage_root), "--name", "kill",
             "--workers", "1", "--weights", "none", "--phase1-epochs", "1",
             "--phase1-batch-size", "64", "--phase2-epochs", "2", "--phase2-batch-size", "64",
-            "--phase2-optimizer", "sgd", "--lrs", "1e-4", "1e-3", "1e-2", "--scheduler", "fifo",
-            "--max-concurrent-trials", "1"]
+            "--phase2-optimizer", "sgd", "--phase2-momentum", "0",
+            "--lrs", "1e-4", "1e-3", "1e-2", "--scheduler", "fifo", "--max-concurrent-trials", "1"]
     exp = str(storage_root / "kill")
-    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+    def one_done_and_next_started():
+        if driver.poll() is not None:
+            raise AssertionError("driver exited early:\n" +
+                                 (tmp_path / "driver.log").read_text()[-3000:])
+        trials = os.path.join(exp, "trials")
+        return (os.path.isdir(trials) and len(os.listdir(trials)) >= 2
+                and any(len([r for r in rows if r["phase"] == 2]) == 2
+                        for rows in _trial_rows(exp).values()))
+
     try:
         # Kill once one trial is complete and the next has started.
-        wait_until(lambda: sum(len([r for r in rows if r["phase"] == 2]) == 2
-                               for rows in _trial_rows(exp).values()) >= 1
-                   and len(os.listdir(os.path.join(exp, "trials"))) >= 2, 900,
-                   "one finished trial and a second one started")
+        wait_until(one_done_and_next_started, 900, "one finished trial and a second started")
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
+        log.close()
     before = {n: r for n, r in _trial_rows(exp).items()
               if len([x for x in r if x["phase"] == 2]) == 2}
     assert before
