@@ -101,12 +101,12 @@ def load(exp: str) -> dict:
 
 
 def table(info: dict) -> str:
-    head = (f"{'':2}{'trial':16} {'lr':>9} {'status':>11} {'epochs':>7} {'early':>6} "
+    head = (f"{'':2}{'trial':22} {'lr':>9} {'status':>11} {'epochs':>7} {'early':>6} "
             f"{'best val':>9} {'wall s':>8} {'GPU-h':>6}")
     lines = [f"experiment {info['experiment']}", head]
     for t in sorted(info["trials"], key=lambda t: (t.lr is None, t.lr or 0)):
         lines.append(
-            f"{'*' if t.is_best else ' ':2}{t.trial[:16]:16} "
+            f"{'*' if t.is_best else ' ':2}{t.trial[:22]:22} "
             f"{(f'{t.lr:.2e}' if t.lr else '-'):>9} {t.status:>11} "
             f"{f'{t.epochs_run}/{t.max_epochs}':>7} {('yes' if t.stopped_early else 'no'):>6} "
             f"{(f'{t.best_val_acc:.4f}' if t.best_val_acc is not None else '-'):>9} "
@@ -137,6 +137,7 @@ def plots(exp: str, info: dict, out_dir: str, samples: int = 32) -> list[str]:
     """Learning curves, LR vs best val accuracy, and (once best.json exists) the best
     checkpoint's confusion matrix and sample predictions on the test split."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -159,6 +160,7 @@ def plots(exp: str, info: dict, out_dir: str, samples: int = 32) -> list[str]:
             ax.plot([len(p1) + r["epoch"] + 1 for r in t.curve], [r["val_acc"] for r in t.curve],
                     "-o", label=f"lr {t.lr:.1e}" + (" (best)" if t.is_best else ""))
     ax.axvline(len(p1) + 0.5, color="grey", ls="--", lw=1)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set(xlabel="epoch (phase 1, then phase 2)", ylabel="val accuracy",
            title="Learning curves")
     ax.legend(fontsize=8)

@@ -94,6 +94,21 @@ def bucket(s3_server, request):
     return name
 
 
+@pytest.fixture(scope="session")
+def s3_data(s3_server):
+    """A small synthetic dataset in the S3 server, shared by the Ray tests: s3://.../tiny."""
+    import boto3
+
+    from cifar_ray import data
+    from cifar_ray.config import PrepareConfig
+
+    boto3.client("s3").create_bucket(Bucket="cifar-ray-datasets")
+    root = "s3://cifar-ray-datasets/datasets"
+    data.prepare(PrepareConfig(source="synthetic", data=root, dataset="tiny", val_size=64,
+                               synthetic_size=320), log=lambda _: None)
+    return root
+
+
 @pytest.fixture(scope="module")
 def ray_local(s3_server):
     """One real local Ray instance per module, on loopback, token auth left as Ray sets it."""

@@ -21,25 +21,15 @@ import ray.train
 from conftest import FAKE_KEY_ID, FAKE_SECRET, wait_until
 
 from cifar_ray import data, storage, train
-from cifar_ray.config import PhaseConfig, PrepareConfig, TrainConfig
+from cifar_ray.config import PhaseConfig, TrainConfig
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
 
 
 def _keys(bucket: str, prefix: str) -> list[str]:
     pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket,
                                                                          Prefix=prefix)
     return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
-
-
-@pytest.fixture(scope="module")
-def s3_data(ray_local, s3_server):
-    """A small synthetic dataset in its own bucket, shared by the tests of this module."""
-    boto3.client("s3").create_bucket(Bucket="cifar-ray-datasets")
-    root = "s3://cifar-ray-datasets/datasets"
-    data.prepare(PrepareConfig(source="synthetic", data=root, dataset="tiny", val_size=64,
-                               synthetic_size=320), log=lambda _: None)
-    return root
 
 
 def _cfg(data_root: str, storage_root: str, name: str, **kw) -> TrainConfig:

@@ -14,26 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import pytest
 from conftest import wait_until
 from PIL import Image
 
-from cifar_ray import data, results, storage, train, tune
+from cifar_ray import results, storage, train, tune
 from cifar_ray.cli import main as cli
-from cifar_ray.config import PhaseConfig, PrepareConfig, SweepConfig, TrainConfig
+from cifar_ray.config import PhaseConfig, SweepConfig, TrainConfig
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def s3_data(ray_local, s3_server):
-    boto3.client("s3").create_bucket(Bucket="cifar-ray-tune-data")
-    root = "s3://cifar-ray-tune-data/datasets"
-    data.prepare(PrepareConfig(source="synthetic", data=root, dataset="tiny", val_size=64,
-                               synthetic_size=320), log=lambda _: None)
-    return root
 
 
 def _sweep_cfg(data_root: str, storage_root: str, name: str, **kw) -> SweepConfig:
