@@ -314,6 +314,8 @@ class SweepConfig(_Config):
     reduction_factor: int = _f(2, "ASHA: keep 1/reduction_factor of trials at each rung")
     max_concurrent_trials: int | None = _f(None, "trials at once (default: as many as the "
                                            "cluster's CPUs/GPUs fit)")
+    share_phase1: bool = _f(True, "run phase 1 once and start every trial's phase 2 from it; "
+                            "--no-share-phase1 runs both phases in every trial (a baseline)")
     resume: bool = _f(False, "continue the experiment --name after the driver died")
 
     def __post_init__(self):

@@ -237,9 +237,44 @@ def needed_resources(cfg: TrainConfig) -> dict[str, float]:
     return need
 
 
+# Written by `ray up` on the head node, where `ray job submit` runs the job's driver.
+AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def autoscaler_max_resources(config: dict) -> dict[str, float]:
+    """The most of each resource an autoscaler config can bring up: the head's resources plus
+    every worker type's times its max_workers (capped by the cluster's max_workers)."""
+    cap = config.get("max_workers", 0)
+    total: dict[str, float] = {}
+    for name, node_type in config.get("available_node_types", {}).items():
+        count = 1 if name == config.get("head_node_type") else min(
+            node_type.get("max_workers", cap), cap)
+        for k, v in node_type.get("resources", {}).items():
+            total[k] = total.get(k, 0.0) + float(v) * count
+    return total
+
+
+def max_cluster_resources() -> dict[str, float] | None:
+    """What the connected cluster can grow to, or None when nothing can add nodes to it (a
+    local instance, a fixed `ray start` cluster): then what it has now is all it will have."""
+    from ray._private.state import state
+
+    reported = state.get_max_resources_from_cluster_config()  # autoscaler v2, KubeRay
+    if reported:
+        return {k: float(v) for k, v in reported.items()}
+    path = os.path.expanduser(AUTOSCALER_CONFIG)  # the classic autoscaler of `ray up`
+    if os.path.exists(path):
+        import yaml
+
+        with open(path) as f:
+            return autoscaler_max_resources(yaml.safe_load(f))
+    return None
+
+
 def wait_for_resources(cfg: TrainConfig, timeout_s: float, log=print) -> None:
-    """Ray Train would wait forever for workers the cluster cannot place; wait a bounded
-    time (an autoscaler may be adding nodes), then fail saying what is missing."""
+    """Ray Train would wait forever for workers the cluster cannot place. Fail at once when
+    the cluster can never hold them (no autoscaler, or beyond its largest size); otherwise
+    wait a bounded time for the autoscaler to add nodes, then fail saying what is missing."""
     need = needed_resources(cfg)
     deadline = time.monotonic() + timeout_s
     said = False
@@ -249,13 +284,23 @@ def wait_for_resources(cfg: TrainConfig, timeout_s: float, log=print) -> None:
         if not short:
             return
         text = ", ".join(f"{k}: need {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+        hint = (" (--use-gpu on a machine without GPUs? drop --use-gpu to train on CPU)"
+                if "GPU" in short else "")
+        ceiling = max_cluster_resources()
+        if ceiling is None:
+            raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}, and no "
+                                f"autoscaler can add nodes to this cluster{hint}.")
+        beyond = {k: ceiling.get(k, 0.0) for k in short if ceiling.get(k, 0.0) < need[k]}
+        if beyond:
+            most = ", ".join(f"{k}: {v:g}" for k, v in beyond.items())
+            raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}; even at "
+                                f"its largest the autoscaler gives {most}{hint}.")
         if time.monotonic() >= deadline:
-            hint = (" (--use-gpu on a machine without GPUs? drop --use-gpu to train on CPU)"
-                    if "GPU" in short else "")
             raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}{hint}. "
-                               f"Waited {timeout_s:g} s (--resource-timeout-s).")
+                               f"Waited {timeout_s:g} s for the autoscaler "
+                               "(--resource-timeout-s).")
         if not said:
-            log(f"waiting up to {timeout_s:g} s for resources ({text})")
+            log(f"waiting up to {timeout_s:g} s for the autoscaler to add nodes ({text})")
             said = True
         time.sleep(2)
 
@@ -282,7 +327,11 @@ def init_ray(log=print) -> bool:
         return False
     except ConnectionError:
         log("no Ray cluster found: starting a local instance")
-        # Dashboard on loopback: Train V2 cleans up placement groups through the State API.
+        # Token authentication on even if a Ray release changes its default for local
+        # instances; an explicit RAY_AUTH_MODE from the user is respected.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Everything on loopback. The dashboard is needed: Train V2 cleans up placement
+        # groups through the State API.
         ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
         return True
 
@@ -297,8 +346,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     manifest = preflight(cfg, log)
     started_here = init_ray(log)
     try:
-        # A cluster we just started cannot grow: no point waiting for it.
-        wait_for_resources(cfg, 0.0 if started_here else cfg.resource_timeout_s, log)
+        wait_for_resources(cfg, cfg.resource_timeout_s, log)
         return run_and_evaluate(cfg, manifest, log)
     finally:
         if started_here:

@@ -98,8 +98,11 @@ def check_experiment(cfg: SweepConfig) -> bool:
     return exists
 
 
-def run_phase1(cfg: SweepConfig, manifest: dict, log=print) -> dict:
-    """Phase 1 once per sweep (skipped when an earlier driver finished it)."""
+def run_phase1(cfg: SweepConfig, manifest: dict, log=print) -> dict | None:
+    """Phase 1 once per sweep (skipped when an earlier driver finished it, or not shared)."""
+    if not cfg.share_phase1:
+        log(f"phase 1: not shared, {cfg.train.phase1.epochs} epochs in every trial")
+        return None
     p1 = phase1_config(cfg)
     result_uri = storage.join(p1.run_uri(), train.RESULT)
     if storage.exists(result_uri):
@@ -124,7 +127,7 @@ def sweep(cfg: SweepConfig, log=print) -> dict:
     started_here = train.init_ray(log)
     try:
         # "More workers per trial than the cluster can ever hold" fails here, not in a trial.
-        train.wait_for_resources(t, 0.0 if started_here else t.resource_timeout_s, log)
+        train.wait_for_resources(t, t.resource_timeout_s, log)
         return _sweep(cfg, manifest, resuming, log)
     finally:
         if started_here:
@@ -138,8 +141,11 @@ def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool, log) -> dict:
     space, samples = search_space(cfg)
     n_trials = samples * math.prod(len(v["grid_search"]) for v in space.values()
                                    if isinstance(v, dict) and "grid_search" in v)
-    saved = t.phase1.epochs * (n_trials - 1)
-    log(f"phase 1 shared by {n_trials} trials: {saved} phase-1 epochs not run")
+    saved = t.phase1.epochs * (n_trials - 1) if cfg.share_phase1 else 0
+    if cfg.share_phase1:
+        log(f"phase 1 shared by {n_trials} trials: {saved} phase-1 epochs not run")
+    # Trials report every epoch they run; unshared, phase 1's come first and count too.
+    offset = 0 if cfg.share_phase1 else t.phase1.epochs
     # A trial only drives its TorchTrainer, whose workers reserve the CPUs/GPUs. Tune refuses
     # an empty request, so the driver asks for a token 1 MiB of memory and no CPU.
     trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": 2**20})
@@ -148,20 +154,22 @@ def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool, log) -> dict:
         tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=t.phase2.epochs,
-                                   grace_period=cfg.grace_period,
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=offset + t.phase2.epochs,
+                                   grace_period=offset + cfg.grace_period,
                                    reduction_factor=cfg.reduction_factor)
                      if cfg.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
-            param_space={**space, "base": t.to_dict(), "init": phase1_checkpoint(cfg)},
+            param_space={**space, "base": t.to_dict(),
+                         "init": phase1_checkpoint(cfg) if cfg.share_phase1 else None},
             tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
                                         num_samples=samples,
                                         max_concurrent_trials=concurrency(cfg)),
             run_config=tune.RunConfig(name=t.name, storage_path=t.storage))
     grid = tuner.fit()
     best = _best(cfg, grid, log)
-    best.update({"phase1": {"epochs": t.phase1.epochs, "val_acc": p1["best_val_acc"]},
+    best.update({"phase1": {"epochs": t.phase1.epochs, "shared": cfg.share_phase1,
+                            "val_acc": p1["best_val_acc"] if p1 else None},
                  "trials": n_trials, "phase1_epochs_saved": saved,
                  "scheduler": cfg.scheduler})
     storage.write_bytes(storage.join(exp, BEST), json.dumps(best, indent=2).encode())

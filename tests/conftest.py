@@ -45,6 +45,56 @@ def wait_until(cond, timeout: float, what: str, interval: float = 0.5):
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc; Ray's daemons, workers and drivers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _ip(hex_addr: str) -> str:
+    raw = bytes.fromhex(hex_addr)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    # /proc/net/tcp6: four 32-bit words, each in host (little-endian) order.
+    return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+
+
+def listeners(pids: set[int]) -> set[tuple[str, int, int]]:
+    """(ip, port, pid) of every TCP socket in LISTEN state held by one of `pids`."""
+    owner = {}
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    owner[int(link[8:-1])] = pid
+        except OSError:  # the process ended meanwhile
+            continue
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and int(cols[9]) in owner:  # 0A: LISTEN
+                    addr, port = cols[1].split(":")
+                    out.add((_ip(addr), int(port, 16), owner[int(cols[9])]))
+    return out
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's standalone server bound to 127.0.0.1 (never 0.0.0.0), fake credentials in the

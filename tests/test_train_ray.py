@@ -18,12 +18,14 @@ from pathlib import Path
 import boto3
 import pytest
 import ray.train
+import yaml
 from conftest import FAKE_KEY_ID, FAKE_SECRET, wait_until
 
 from cifar_ray import data, storage, train
 from cifar_ray.config import PhaseConfig, TrainConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _keys(bucket: str, prefix: str) -> list[str]:
@@ -58,11 +60,12 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
     assert json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/result.json")) == summary
     # The stored config is the resolved one, and no credential leaked into anything written.
     assert json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/config.json"))["name"] == "r1"
+    # Every object, checkpoints and weights included, and every one under the run's prefix.
+    assert _keys(bucket, "") == keys
     s3 = boto3.client("s3")
     for key in keys:
-        if not key.endswith(".pt"):
-            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-            assert FAKE_SECRET.encode() not in body and FAKE_KEY_ID.encode() not in body, key
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert FAKE_SECRET.encode() not in body and FAKE_KEY_ID.encode() not in body, key
 
     # Running the finished name again is refused, and nothing stored changes.
     with pytest.raises(train.RunExistsError, match="finished run"):
@@ -158,10 +161,25 @@ def test_failed_run_resumes_by_name_and_refuses_a_changed_recipe(s3_data, tmp_pa
     assert len(rows) == 3 and not any("restored_from" in r for r in rows)
 
 
-def test_more_gpus_than_the_cluster_has_fails_after_a_bounded_wait(s3_data, tmp_path):
-    cfg = _cfg(s3_data, str(tmp_path), "gpu", use_gpu=True, resource_timeout_s=2)
-    with pytest.raises(train.ResourceError, match=r"GPU: need 2, cluster has 0.*--use-gpu"):
+def test_use_gpu_fails_at_once_unless_an_autoscaler_can_add_gpus(s3_data, tmp_path,
+                                                                   monkeypatch):
+    # This local instance has no autoscaler: no wait at all, whatever --resource-timeout-s.
+    cfg = _cfg(s3_data, str(tmp_path), "gpu", use_gpu=True, resource_timeout_s=600)
+    with pytest.raises(train.ResourceError,
+                       match=r"GPU: need 2, cluster has 0, and no autoscaler.*--use-gpu"):
         train.fit(cfg, log=lambda _: None)
+    # On a `ray up` head (its bootstrap config is our cluster.yaml, prepared by Ray), GPU
+    # nodes may still come: wait the bounded time. Beyond the config's largest size: at once.
+    from ray.autoscaler._private.util import prepare_config
+
+    with open(REPO / "cluster.yaml") as f:
+        boot = prepare_config(yaml.safe_load(f))
+    (tmp_path / "bootstrap.yaml").write_text(yaml.safe_dump(boot))
+    monkeypatch.setattr(train, "AUTOSCALER_CONFIG", str(tmp_path / "bootstrap.yaml"))
+    with pytest.raises(train.ResourceError, match=r"GPU: need 2.*Waited 2 s for the autoscaler"):
+        train.fit(dataclasses.replace(cfg, resource_timeout_s=2), log=lambda _: None)
+    with pytest.raises(train.ResourceError, match=r"at its largest the autoscaler gives GPU: 16"):
+        train.fit(dataclasses.replace(cfg, workers=32), log=lambda _: None)
     assert not (tmp_path / "gpu" / "config.json").exists()
 
 

@@ -1,0 +1,126 @@
+"""ASHA with a shared phase 1 against a plain FIFO grid, side by side on a real CIFAR-10 subset.
+
+    python jobs/benchmark_tune.py --source-uri ../shared/data/cifar10-train-jpeg.tar.gz
+
+Both sweeps run the same LRs, recipe, seed and concurrency through `jobs/tune.py` (each in its
+own process with its own local Ray instance, one after the other):
+  grid: --scheduler fifo --no-share-phase1   every trial runs phase 1 and all phase-2 epochs
+  asha: --scheduler asha (shared phase 1)    phase 1 once, ASHA stops weak LRs early
+Compute is counted from what the sweeps stored: trial-epochs (phase-1 epochs that ran plus
+phase-2 epochs per trial) and the summed seconds of those epochs; wall time is the driver's.
+Target: ASHA <= 0.35 of the grid's trial-epochs, with its best val accuracy within 1 point.
+Prints a table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the repo, without an install
+
+from cifar_ray import data, storage, train, tune  # noqa: E402
+from cifar_ray.config import PrepareConfig  # noqa: E402
+
+
+def compute(exp: str, shared: bool) -> dict:
+    """Epochs that actually ran, read back from storage. A shared-phase-1 trial's history
+    starts with copies of the phase-1 rows it was restored from: those are not counted."""
+    p1 = train.read_metrics(storage.join(exp, tune.PHASE1))
+    trials = storage.join(exp, tune.TRIALS)
+    ran = list(p1)
+    per_trial = {}
+    for name in storage.list_dir(trials):
+        rows = [r for r in train.read_metrics(storage.join(trials, name))
+                if r["phase"] == 2 or not shared]
+        ran += rows
+        per_trial[name] = sum(r["phase"] == 2 for r in rows)
+    return {"trial_epochs": len(ran), "phase1_epochs": sum(r["phase"] == 1 for r in ran),
+            "phase2_epochs": sum(r["phase"] == 2 for r in ran),
+            "epoch_seconds": sum(r["seconds"] for r in ran), "phase2_epochs_per_trial": per_trial}
+
+
+def run_sweep(name: str, common: list[str], extra: list[str], exp: str, shared: bool) -> dict:
+    cmd = [sys.executable, str(REPO / "jobs" / "tune.py"), "--name", name, *common, *extra]
+    print("$", " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        sys.exit(f"{name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    best = json.loads(storage.read_bytes(storage.join(exp, tune.BEST)))
+    return {"wall_s": wall, **compute(exp, shared), "best_lr": best["lr"],
+            "best_val_acc": best["best_val_acc"], "test_acc": best["test_acc"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--source-uri", default=str(REPO.parent / "shared" / "data" /
+                                                "cifar10-train-jpeg.tar.gz"))
+    ap.add_argument("--per-class", type=int, default=200,
+                    help="real images per class (val takes --val-size of them)")
+    ap.add_argument("--val-size", type=int, default=500)
+    ap.add_argument("--lrs", type=float, nargs="+",
+                    default=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
+    ap.add_argument("--phase1-epochs", type=int, default=2)
+    ap.add_argument("--phase2-epochs", type=int, default=8)
+    ap.add_argument("--reduction-factor", type=int, default=3)
+    ap.add_argument("--concurrent", type=int, default=2, help="trials at once (1 CPU each)")
+    ap.add_argument("--work", default=None, help="folder for data and sweeps (default: temp)")
+    ap.add_argument("--out", default="results/benchmark_tune.json")
+    args = ap.parse_args()
+
+    work = args.work or tempfile.mkdtemp(prefix="cifar-ray-bench-tune-")
+    data.prepare(PrepareConfig(source="folder", source_uri=args.source_uri, data=work,
+                               dataset="bench", val_size=args.val_size,
+                               max_per_class=args.per_class), log=lambda _: None)
+    sweeps = os.path.join(work, "sweeps")
+    common = ["--data", work, "--dataset", "bench", "--storage", sweeps, "--weights", "none",
+              "--workers", "1", "--cpus-per-worker", "1",
+              "--max-concurrent-trials", str(args.concurrent),
+              "--phase1-epochs", str(args.phase1_epochs),
+              "--phase2-epochs", str(args.phase2_epochs),
+              "--lrs", *map(str, args.lrs)]
+    grid = run_sweep("grid", common, ["--scheduler", "fifo", "--no-share-phase1"],
+                     os.path.join(sweeps, "grid"), shared=False)
+    asha = run_sweep("asha", common, ["--scheduler", "asha", "--grace-period", "1",
+                                      "--reduction-factor", str(args.reduction_factor)],
+                     os.path.join(sweeps, "asha"), shared=True)
+    ratio = asha["trial_epochs"] / grid["trial_epochs"]
+    gap = (grid["best_val_acc"] - asha["best_val_acc"]) * 100
+    results = {"train_images": args.per_class * 10 - args.val_size, "val_images": args.val_size,
+               "lrs": args.lrs, "phase1_epochs": args.phase1_epochs,
+               "phase2_epochs": args.phase2_epochs, "reduction_factor": args.reduction_factor,
+               "concurrent_trials": args.concurrent, "cpus": os.cpu_count(),
+               "grid": grid, "asha": asha,
+               "trial_epochs_ratio": ratio,
+               "epoch_seconds_ratio": asha["epoch_seconds"] / grid["epoch_seconds"],
+               "wall_ratio": asha["wall_s"] / grid["wall_s"],
+               "best_val_acc_gap_points": gap,
+               "target": "trial_epochs_ratio <= 0.35 and gap <= 1 point"}
+
+    print(f"\n{results['train_images']} train / {args.val_size} val real images, "
+          f"{len(args.lrs)} LRs, {args.phase1_epochs} + {args.phase2_epochs} epochs, "
+          f"{args.concurrent} trials at once, {os.cpu_count()} CPUs, --weights none")
+    print(f"{'sweep':28} {'trial-epochs':>12} {'epoch s':>8} {'wall s':>8} {'best lr':>8} "
+          f"{'best val':>9}")
+    for label, r in (("FIFO grid, phase 1 per trial", grid), ("ASHA, shared phase 1", asha)):
+        print(f"{label:28} {r['trial_epochs']:>12} {r['epoch_seconds']:8.0f} {r['wall_s']:8.0f} "
+              f"{r['best_lr']:8.0e} {r['best_val_acc']:9.4f}")
+    print(f"{'ASHA / grid':28} {ratio:12.3f} {results['epoch_seconds_ratio']:8.3f} "
+          f"{results['wall_ratio']:8.3f} {'':8} {-gap:+8.1f}pt   (target <= 0.35, >= -1 pt)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""cluster.yaml: valid for Ray's own autoscaler validator, and safe (no secret, no open port).
+
+    python -m pytest -q tests/test_cluster.py
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from cifar_ray import train
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = (REPO / "cluster.yaml").read_text()
+
+
+def _prepared(raw: dict) -> dict:
+    """What `ray up` does before it launches anything (as Ray's own tests validate)."""
+    cfg = prepare_config(copy.deepcopy(raw))
+    validate_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def raw() -> dict:
+    return yaml.safe_load(TEXT)
+
+
+def test_cluster_yaml_passes_rays_validator_with_the_intended_shape(raw):
+    cfg = _prepared(raw)
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    workers = {n: t for n, t in types.items() if n != cfg["head_node_type"]}
+    gpus = sorted(t["resources"]["GPU"] for t in workers.values())
+    assert gpus[0] == 1 and gpus[-1] > 1, "one small and one multi-GPU worker type"
+    assert all(t["min_workers"] == 0 and t["max_workers"] >= 1 for t in workers.values())
+    assert any(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+               for t in workers.values())
+    assert cfg["idle_timeout_minutes"] > 0 and cfg["max_workers"] >= 1
+    # Every node reaches S3 through an instance profile.
+    assert all("IamInstanceProfile" in t["node_config"] for t in types.values())
+    # The image is Ray's 2.60 GPU image, and the nodes get the Ray, torch and torchvision
+    # that the tests ran with.
+    assert re.fullmatch(r"rayproject/ray:2\.60\.\d+-py\d+-gpu", cfg["docker"]["image"])
+    setup = " ".join(cfg["setup_commands"])
+    for pkg in ("ray", "torch", "torchvision"):
+        assert re.search(rf'"{pkg}(\[[^]]*\])?=={re.escape(importlib.metadata.version(pkg))}"',
+                         setup), pkg
+    # The autoscaler's largest cluster, as wait_for_resources reads it on a `ray up` head.
+    assert train.autoscaler_max_resources(cfg) == {"CPU": 128.0, "GPU": 16.0}
+
+
+def test_cluster_yaml_keeps_the_jobs_api_on_localhost_behind_a_token(raw):
+    head_start = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    for cmds in (raw["head_start_ray_commands"], raw["worker_start_ray_commands"]):
+        assert "RAY_AUTH_MODE=token" in " ".join(cmds)
+    # The token travels from the user's machine, never in the file.
+    assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert ".gitignore" in raw["rsync_filter"]  # no results, data or venvs synced
+
+
+def test_cluster_yaml_holds_no_secret_and_no_all_interfaces_binding():
+    assert "0.0.0.0" not in TEXT
+    for pattern in (r"AKIA[0-9A-Z]{16}", r"(?i)aws_secret_access_key", r"(?i)aws_access_key_id",
+                    r"(?i)aws_session_token", r"RAY_AUTH_TOKEN\s*=", r"-----BEGIN"):
+        assert not re.search(pattern, TEXT), pattern
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["available_node_types"]["gpu_1x"]["resources"].update(GPU=0.5),
+     "is not of type 'integer'"),
+    (lambda c: c.update(max_wrokers=4), "Additional properties are not allowed"),
+    (lambda c: c["available_node_types"]["gpu_4x"].pop("node_config"),
+     "'node_config' is a required property"),
+])
+def test_an_invalid_edit_fails_with_rays_message(raw, edit, message):
+    edit(raw)
+    with pytest.raises(jsonschema.ValidationError, match=re.escape(message)):
+        _prepared(raw)
+
+
+def test_a_head_node_type_that_does_not_exist_is_refused(raw):
+    raw["head_node_type"] = "nope"
+    with pytest.raises(ValueError, match="head_node_type"):
+        _prepared(raw)

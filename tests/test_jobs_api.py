@@ -1,0 +1,209 @@
+"""The cluster path end to end through the real jobs API.
+
+    python -m pytest -q tests/test_jobs_api.py
+
+A real Ray head is started with `ray start --head --block` on 127.0.0.1, dashboard on and token
+authentication on (a token made for this test, never the user's ~/.ray/auth_token). Jobs are
+submitted with the `ray job submit` CLI and the repository as working directory, exactly as
+README shows; storage is the S3-protocol server. The head's PATH starts with this venv's bin,
+as a cluster's image would provide `python`. Teardown ends the `ray start` process and checks
+that every process it started is gone; nothing else is touched (no `ray stop`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pytest
+from conftest import FAKE_KEY_ID, FAKE_SECRET, descendants, free_port, listeners, wait_until
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from cifar_ray import storage, tune
+from cifar_ray.cli import main as cli
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+class Head:
+    def __init__(self, proc: subprocess.Popen, address: str, token: str, temp_dir: str,
+                 env: dict):
+        self.proc, self.address, self.token, self.temp_dir, self.env = (proc, address, token,
+                                                                        temp_dir, env)
+        self.client = JobSubmissionClient(address,
+                                          headers={"Authorization": f"Bearer {token}"})
+
+    def cli(self, *args: str, token: bool = True, timeout: float = 300):
+        """The `ray` CLI as a user runs it: RAY_AUTH_MODE=token and the token in the env."""
+        env = dict(self.env)
+        if not token:
+            env.pop("RAY_AUTH_TOKEN")
+            env["HOME"] = self.temp_dir  # no ~/.ray/auth_token to fall back on either
+        return subprocess.run([RAY, *args], env=env, capture_output=True, text=True,
+                              timeout=timeout, cwd=REPO)
+
+    def submit(self, *entrypoint: str) -> str:
+        done = self.cli("job", "submit", "--address", self.address, "--working-dir", str(REPO),
+                        "--no-wait", "--", *entrypoint)
+        assert done.returncode == 0, done.stdout + done.stderr
+        ids = [w.strip("'") for line in (done.stdout + done.stderr).splitlines()
+               for w in line.split() if w.strip("'").startswith("raysubmit_")]
+        assert ids, done.stdout + done.stderr
+        return ids[0]
+
+    def wait(self, job_id: str, timeout: float, on_poll=lambda: None) -> JobStatus:
+        def finished():
+            on_poll()
+            st = self.client.get_job_status(job_id)
+            return st if st in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                JobStatus.STOPPED) else None
+        return wait_until(finished, timeout, f"job {job_id} to finish", interval=2)
+
+
+@pytest.fixture(scope="module")
+def head(s3_server):
+    token = secrets.token_hex(32)
+    # Short: Ray's unix socket paths live under it and must stay below ~107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="crh-", dir="/tmp")
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(os.path.join(temp_dir, "ray-start.log"), "w")
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dash}"
+
+    def jobs_api_up():
+        if proc.poll() is not None:
+            raise AssertionError("ray start exited:\n" +
+                                 Path(temp_dir, "ray-start.log").read_text()[-3000:])
+        req = urllib.request.Request(f"{address}/api/jobs/",
+                                     headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    try:
+        wait_until(jobs_api_up, 180, "the Ray head's jobs API")
+        yield Head(proc, address, token, temp_dir, env)
+    finally:
+        started = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        try:
+            wait_until(lambda: not [p for p in started if os.path.exists(f"/proc/{p}")], 120,
+                       "the head's processes to exit")
+        finally:
+            for p in started:  # whatever is left of ours, and only ours
+                if os.path.exists(f"/proc/{p}"):
+                    os.kill(p, signal.SIGKILL)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _all_objects(bucket: str) -> dict[str, bytes]:
+    s3 = boto3.client("s3")
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+            for p in pages for o in p.get("Contents", [])}
+
+
+def test_smoke_sweep_submitted_through_the_jobs_api_lands_in_s3(head, bucket, capsys):
+    job = head.submit("python", "jobs/tune.py", "--smoke", "--data", f"s3://{bucket}/datasets",
+                      "--storage", f"s3://{bucket}/sweeps/team-a", "--name", "e2e")
+    seen: set[tuple[str, int, int]] = set()
+    status = head.wait(job, 1200, on_poll=lambda: seen.update(listeners(
+        descendants(os.getpid()))))
+    logs = head.client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "best trial: lr" in logs
+
+    # Results: experiment state, phase 1, three trials and best.json, all in the bucket, and
+    # every object under the configured prefixes (nothing written beside them).
+    objects = _all_objects(bucket)
+    assert all(k.startswith(("datasets/", "sweeps/team-a/e2e/")) for k in objects), sorted(
+        k for k in objects if not k.startswith(("datasets/", "sweeps/team-a/e2e/")))
+    exp = f"s3://{bucket}/sweeps/team-a/e2e"
+    best = json.loads(storage.read_bytes(storage.join(exp, tune.BEST)))
+    assert best["trials"] == 3 and 0 <= best["test_acc"] <= 1
+    assert any(k.startswith("sweeps/team-a/e2e/experiment_state") for k in objects)
+
+    # inspect, from "a laptop": this process, reading the bucket only.
+    capsys.readouterr()
+    assert cli(["inspect", exp]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.lstrip("* ").startswith("trial-") for line in out.splitlines()) == 3
+
+    # Security: with recognisable fake keys in the cluster's environment, no key appears in
+    # anything written (objects incl. checkpoints, Ray's session logs, the job's logs).
+    written = list(objects.items()) + [("job logs", logs.encode())]
+    for root, _, files in os.walk(head.temp_dir):
+        for f in files:
+            path = os.path.join(root, f)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as fh:
+                    written.append((path, fh.read()))
+    for name, blob in written:
+        for secret in (FAKE_KEY_ID, FAKE_SECRET):
+            assert secret.encode() not in blob, f"{secret} found in {name}"
+
+    # Security: every socket our processes (Ray head, its workers, moto) listened on during
+    # the job was on loopback.
+    assert seen, "no listening socket found: the check would be vacuous"
+    public = sorted(s for s in seen if not s[0].startswith(("127.", "::1", "::ffff:127.")))
+    assert not public, f"listening beyond loopback (ip, port, pid): {public}"
+
+
+def test_use_gpu_on_a_cluster_without_gpus_fails_at_once(head, bucket):
+    job = head.submit("python", "jobs/train.py", "--smoke", "--use-gpu",
+                      "--data", f"s3://{bucket}/datasets", "--storage", f"s3://{bucket}/runs",
+                      "--resource-timeout-s", "3600")
+    assert head.wait(job, 600) == JobStatus.FAILED
+    logs = head.client.get_job_logs(job)
+    assert "GPU: need 2, cluster has 0, and no autoscaler can add nodes" in logs, logs[-3000:]
+    assert "drop --use-gpu" in logs
+
+
+def test_jobs_api_refuses_requests_without_the_token(head):
+    before = {j.submission_id for j in head.client.list_jobs()}
+    # The CLI without a token: refused, nothing submitted.
+    done = head.cli("job", "submit", "--address", head.address, "--working-dir", str(REPO),
+                    "--", "python", "-c", "print('should never run')", token=False)
+    assert done.returncode != 0
+    assert "Authentication" in done.stdout + done.stderr or "401" in done.stdout + done.stderr
+    # Raw HTTP without the header, and with a wrong token: 401 / 403.
+    for headers, code in (({}, 401), ({"Authorization": "Bearer " + "0" * 64}, 403)):
+        req = urllib.request.Request(f"{head.address}/api/jobs/", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == code
+    assert {j.submission_id for j in head.client.list_jobs()} == before
+
+
+def test_submitting_to_an_address_without_a_cluster_is_a_clear_error(head):
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    done = head.cli("job", "submit", "--address", nowhere, "--", "python", "-c", "print(1)",
+                    timeout=300)
+    assert done.returncode != 0
+    assert nowhere.removeprefix("http://") in done.stdout + done.stderr
