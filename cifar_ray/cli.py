@@ -57,10 +57,10 @@ def _evaluate(ns: argparse.Namespace) -> int:
     from cifar_ray import storage, train
     from cifar_ray.checkpoint import load_uri
 
-    stored = load_uri(ns.checkpoint)["config"]
-    cfg = TrainConfig.from_dict({**stored, "use_gpu": ns.use_gpu,
+    state = load_uri(ns.checkpoint)
+    cfg = TrainConfig.from_dict({**state["config"], "use_gpu": ns.use_gpu,
                                  **({"data": ns.data} if ns.data else {})})
-    out = train.evaluate_checkpoint(ns.checkpoint, cfg, ns.split)
+    out = train.evaluate_checkpoint(ns.checkpoint, cfg, ns.split, state)
     print(json.dumps({k: out[k] for k in ("split", "accuracy", "loss", "count", "phase", "epoch")}
                      | {"checkpoint": storage.display(ns.checkpoint)}, indent=2))
     return 0

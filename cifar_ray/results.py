@@ -64,12 +64,8 @@ def load(exp: str) -> dict:
     status = _tune_status(exp)
     trials_uri = storage.join(exp, TRIALS)
     trials = []
-    for name in storage.list_dir(trials_uri):
-        run = storage.join(trials_uri, name)
-        cfg_uri = storage.join(run, train.CONFIG)
-        cfg = TrainConfig.from_dict(json.loads(storage.read_bytes(cfg_uri))) \
-            if storage.exists(cfg_uri) else None
-        rows = [r for r in train.read_metrics(run) if r["phase"] == 2]
+    for name, (cfg, all_rows) in train.read_runs(trials_uri).items():
+        rows = [r for r in all_rows if r["phase"] == 2]
         trial_id = name.removeprefix("trial-")
         st = status.get(trial_id, "UNKNOWN")
         max_epochs = cfg.phase2.epochs if cfg else 0

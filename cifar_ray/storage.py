@@ -1,9 +1,10 @@
 """URIs -> pyarrow filesystems: a local path, s3://bucket/prefix, or an S3-compatible endpoint.
 
-Ray Train resolves `RunConfig(storage_path=...)` with pyarrow too, so one URI means the same
-place to us and to Ray. Endpoints and credentials come from the standard AWS chain
-(`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, profiles, instance roles) or from the URI's
-`?endpoint_override=` query, never from our config: nothing secret is ever written out.
+Ray gets the same place as a pyarrow filesystem too (`for_ray`: RunConfig's storage_path and
+storage_filesystem), one that writes nothing above the configured prefix. Endpoints and
+credentials come from the standard AWS chain (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
+profiles, instance roles) or from the URI's `?endpoint_override=` query, never from our
+config: nothing secret is ever written out.
 """
 
 from __future__ import annotations
@@ -59,6 +60,76 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         raise StorageError(f"{display(uri)}: cannot open storage ({e})") from e
 
 
+class _NoMarkers(pafs.FileSystemHandler):
+    """An object store's filesystem that never creates "directories". S3 has none: pyarrow's
+    create_dir PUTs an empty marker object for every missing level, prefixes above --storage
+    included, and Ray creates its run folders that way. A bucket policy scoped to the prefix
+    would refuse those writes; without them, everything Ray writes stays under the prefix."""
+
+    def __init__(self, fs: pafs.FileSystem):
+        self.fs = fs
+
+    def __eq__(self, other):
+        return isinstance(other, _NoMarkers) and self.fs.equals(other.fs)
+
+    def get_type_name(self):
+        return f"no-markers+{self.fs.type_name}"
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def equals(self, other):
+        return self == other
+
+    def create_dir(self, path, recursive):
+        return None  # a key prefix exists as soon as an object is written under it
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def for_ray(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig / Tuner.restore: local paths
+    as they are; object stores through a filesystem that writes nothing above the prefix."""
+    if not is_remote(uri):
+        return normalize(uri), None
+    fs, path = resolve(uri)
+    return path, pafs.PyFileSystem(_NoMarkers(fs))
+
+
 class StorageError(UserError, RuntimeError):
     """Storage is missing, unreachable, unwritable, or refused our credentials."""
 
@@ -98,7 +169,11 @@ def write_bytes(uri: str, data: bytes) -> None:
     sees half a file; S3 PUTs are atomic by themselves."""
     fs, path = resolve(uri)
     try:
-        fs.create_dir(posixpath.dirname(path), recursive=True)
+        if not is_remote(uri):
+            # Only local paths need parents. On S3, create_dir would PUT a marker object for
+            # every level, prefixes above --storage included (which a bucket policy scoped to
+            # the prefix rightly refuses).
+            fs.create_dir(posixpath.dirname(path), recursive=True)
         tmp = path if is_remote(uri) else f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with fs.open_output_stream(tmp) as f:
             f.write(data)

@@ -164,10 +164,12 @@ def check_init_compatible(cfg: TrainConfig, stored: dict, uri: str) -> None:
 # ---------------------------------------------------------------- evaluation task
 
 
-def evaluate_checkpoint(ckpt_uri: str, cfg: TrainConfig, split: str = "test") -> dict:
-    """Accuracy of a checkpoint on a split (runs anywhere: a Ray task, or plain Python)."""
+def evaluate_checkpoint(ckpt_uri: str, cfg: TrainConfig, split: str = "test",
+                        state: dict | None = None) -> dict:
+    """Accuracy of a checkpoint on a split (runs anywhere: a Ray task, or plain Python).
+    `state`: the checkpoint's contents when the caller has already loaded them."""
     device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-    state = checkpoint.load_uri(ckpt_uri)
+    state = state if state is not None else checkpoint.load_uri(ckpt_uri)
     uri = cfg.dataset_uri()
     manifest = data.read_manifest(uri)
     s = data.load_split(uri, split, manifest=manifest)
@@ -327,13 +329,25 @@ def init_ray(log=print) -> bool:
         return False
     except ConnectionError:
         log("no Ray cluster found: starting a local instance")
-        # Token authentication on even if a Ray release changes its default for local
-        # instances; an explicit RAY_AUTH_MODE from the user is respected.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        # Everything on loopback. The dashboard is needed: Train V2 cleans up placement
-        # groups through the State API.
-        ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+        start_local_ray()
         return True
+
+
+def start_local_ray(**kwargs) -> None:
+    """A private one-machine Ray instance: every server on loopback, token auth on."""
+    from ray._private import ray_constants
+
+    # Ray binds its servers to the node's IP, and on Linux swaps 127.0.0.1 for the machine's
+    # routable address unless told the instance is single-machine: the switch it uses on
+    # macOS/Windows. The env var is for the daemons and workers, the constant for this
+    # process (read when `ray` was imported). Only ever set for an instance we start.
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # Token authentication: Ray 2.60 turns it on for a new local instance unless the user
+    # set RAY_AUTH_MODE (setting it here, after `import ray`, would desync Ray's cached
+    # config from its daemons). The dashboard runs (on 127.0.0.1) because Train V2 cleans up
+    # placement groups through the State API.
+    ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
 
 
 def fit(cfg: TrainConfig, log=print) -> dict:
@@ -366,6 +380,19 @@ def read_metrics(run_uri: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines()]
 
 
+def read_runs(folder: str) -> dict[str, tuple[TrainConfig | None, list[dict]]]:
+    """Every run under a folder (a sweep's trials): its config (None if not written yet) and
+    its per-epoch rows."""
+    runs = {}
+    for name in storage.list_dir(folder):
+        run = storage.join(folder, name)
+        cfg_uri = storage.join(run, CONFIG)
+        cfg = (TrainConfig.from_dict(json.loads(storage.read_bytes(cfg_uri)))
+               if storage.exists(cfg_uri) else None)
+        runs[name] = (cfg, read_metrics(run))
+    return runs
+
+
 def evaluate_remote(ckpt_uri: str, cfg: TrainConfig, split: str) -> dict:
     """evaluate_checkpoint as a Ray task with one worker's resources (its GPU, if any)."""
     task = ray.remote(evaluate_checkpoint).options(
@@ -375,6 +402,7 @@ def evaluate_remote(ckpt_uri: str, cfg: TrainConfig, split: str) -> dict:
 
 
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrainer:
+    storage_path, storage_fs = storage.for_ray(cfg.storage)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
@@ -383,7 +411,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrain
             resources_per_worker={"CPU": cfg.cpus_per_worker,
                                   **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=cfg.storage,
+            name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_acc",
                 checkpoint_score_order="max"),

@@ -149,10 +149,12 @@ def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool, log) -> dict:
     # A trial only drives its TorchTrainer, whose workers reserve the CPUs/GPUs. Tune refuses
     # an empty request, so the driver asks for a token 1 MiB of memory and no CPU.
     trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": 2**20})
-    if resuming and tune.Tuner.can_restore(exp):
+    storage_path, storage_fs = storage.for_ray(t.storage)
+    exp_path = storage.for_ray(exp)[0]
+    if resuming and tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
         log(f"resuming experiment {storage.display(exp)}")
-        tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=storage_fs)
     else:
         scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=offset + t.phase2.epochs,
                                    grace_period=offset + cfg.grace_period,
@@ -165,7 +167,8 @@ def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool, log) -> dict:
             tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
                                         num_samples=samples,
                                         max_concurrent_trials=concurrency(cfg)),
-            run_config=tune.RunConfig(name=t.name, storage_path=t.storage))
+            run_config=tune.RunConfig(name=t.name, storage_path=storage_path,
+                                      storage_filesystem=storage_fs))
     grid = tuner.fit()
     best = _best(cfg, grid, log)
     best.update({"phase1": {"epochs": t.phase1.epochs, "shared": cfg.share_phase1,
@@ -183,10 +186,7 @@ def _best(cfg: SweepConfig, grid, log) -> dict:
     """The trial with the best phase-2 val accuracy; its best checkpoint evaluated once."""
     trials = storage.join(cfg.train.run_uri(), TRIALS)
     best = None
-    for name in storage.list_dir(trials):
-        rows = train.read_metrics(storage.join(trials, name))
-        tc = TrainConfig.from_dict(json.loads(storage.read_bytes(
-            storage.join(trials, name, train.CONFIG))))
+    for tc, rows in train.read_runs(trials).values():
         for r in rows:
             if r["phase"] == 2 and (best is None or r["val_acc"] > best[0]["val_acc"]):
                 best = (r, tc)

@@ -66,12 +66,15 @@ def main() -> int:
                                                 "cifar10-train-jpeg.tar.gz"))
     ap.add_argument("--per-class", type=int, default=200,
                     help="real images per class (val takes --val-size of them)")
-    ap.add_argument("--val-size", type=int, default=500)
+    ap.add_argument("--val-size", type=int, default=1000)
     ap.add_argument("--lrs", type=float, nargs="+",
                     default=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
-    ap.add_argument("--phase1-epochs", type=int, default=2)
+    ap.add_argument("--phase1-epochs", type=int, default=3)
     ap.add_argument("--phase2-epochs", type=int, default=8)
-    ap.add_argument("--reduction-factor", type=int, default=3)
+    # Small batches: ~30 steps per epoch on 1,000 images, so an LR shows its effect within
+    # the first epoch (the rung where ASHA first decides) instead of after several.
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--reduction-factor", type=int, default=4)
     ap.add_argument("--concurrent", type=int, default=2, help="trials at once (1 CPU each)")
     ap.add_argument("--work", default=None, help="folder for data and sweeps (default: temp)")
     ap.add_argument("--out", default="results/benchmark_tune.json")
@@ -87,6 +90,8 @@ def main() -> int:
               "--max-concurrent-trials", str(args.concurrent),
               "--phase1-epochs", str(args.phase1_epochs),
               "--phase2-epochs", str(args.phase2_epochs),
+              "--phase1-batch-size", str(args.batch_size),
+              "--phase2-batch-size", str(args.batch_size), "--phase2-warmup-epochs", "0.5",
               "--lrs", *map(str, args.lrs)]
     grid = run_sweep("grid", common, ["--scheduler", "fifo", "--no-share-phase1"],
                      os.path.join(sweeps, "grid"), shared=False)
@@ -97,7 +102,8 @@ def main() -> int:
     gap = (grid["best_val_acc"] - asha["best_val_acc"]) * 100
     results = {"train_images": args.per_class * 10 - args.val_size, "val_images": args.val_size,
                "lrs": args.lrs, "phase1_epochs": args.phase1_epochs,
-               "phase2_epochs": args.phase2_epochs, "reduction_factor": args.reduction_factor,
+               "phase2_epochs": args.phase2_epochs, "batch_size": args.batch_size,
+               "reduction_factor": args.reduction_factor,
                "concurrent_trials": args.concurrent, "cpus": os.cpu_count(),
                "grid": grid, "asha": asha,
                "trial_epochs_ratio": ratio,

@@ -78,9 +78,20 @@ def head(s3_server):
     # Short: Ray's unix socket paths live under it and must stay below ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="crh-", dir="/tmp")
     port, dash = free_port(), free_port()
+    # One machine: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every Ray server on 127.0.0.1
+    # (as README's single-machine `ray start` does).
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    # The cluster's S3 credentials come from a credentials file, as an instance profile would
+    # provide them: never as environment variables, which Ray Tune copies into every trial's
+    # runtime env (and Ray's runtime-env agent then logs). Outside temp_dir, which is searched.
+    creds_dir = tempfile.mkdtemp(prefix="crh-aws-")
+    creds = Path(creds_dir, "credentials")
+    creds.write_text(f"[default]\naws_access_key_id = {env.pop('AWS_ACCESS_KEY_ID')}\n"
+                     f"aws_secret_access_key = {env.pop('AWS_SECRET_ACCESS_KEY')}\n")
+    env["AWS_SHARED_CREDENTIALS_FILE"] = str(creds)
     log = open(os.path.join(temp_dir, "ray-start.log"), "w")
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
@@ -120,6 +131,7 @@ def head(s3_server):
                 if os.path.exists(f"/proc/{p}"):
                     os.kill(p, signal.SIGKILL)
             shutil.rmtree(temp_dir, ignore_errors=True)
+            shutil.rmtree(creds_dir, ignore_errors=True)
 
 
 def _all_objects(bucket: str) -> dict[str, bytes]:
@@ -140,14 +152,25 @@ def test_smoke_sweep_submitted_through_the_jobs_api_lands_in_s3(head, bucket, ca
     assert "best trial: lr" in logs
 
     # Results: experiment state, phase 1, three trials and best.json, all in the bucket, and
-    # every object under the configured prefixes (nothing written beside them).
+    # every object under the configured prefixes (--data datasets, --storage sweeps/team-a):
+    # nothing written beside or above them.
     objects = _all_objects(bucket)
-    assert all(k.startswith(("datasets/", "sweeps/team-a/e2e/")) for k in objects), sorted(
-        k for k in objects if not k.startswith(("datasets/", "sweeps/team-a/e2e/")))
+    outside = sorted(k for k in objects if not k.startswith(("datasets/", "sweeps/team-a/")))
+    assert not outside, outside
     exp = f"s3://{bucket}/sweeps/team-a/e2e"
     best = json.loads(storage.read_bytes(storage.join(exp, tune.BEST)))
     assert best["trials"] == 3 and 0 <= best["test_acc"] <= 1
     assert any(k.startswith("sweeps/team-a/e2e/experiment_state") for k in objects)
+
+    # The working directory that travelled is the repository minus .gitignore: no venv,
+    # results, data or git history, and small.
+    pkgs = [p for p in Path(head.temp_dir).glob(
+        "session_2*/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
+    assert len(pkgs) == 1, pkgs
+    shipped = {p.relative_to(pkgs[0]).parts[0] for p in pkgs[0].rglob("*")}
+    assert {"cifar_ray", "jobs", "tests"} <= shipped
+    assert not shipped & {".venv", "results", "data", ".git", "reports"}, shipped
+    assert sum(p.stat().st_size for p in pkgs[0].rglob("*") if p.is_file()) < 2_000_000
 
     # inspect, from "a laptop": this process, reading the bucket only.
     capsys.readouterr()
@@ -175,10 +198,10 @@ def test_smoke_sweep_submitted_through_the_jobs_api_lands_in_s3(head, bucket, ca
     assert not public, f"listening beyond loopback (ip, port, pid): {public}"
 
 
-def test_use_gpu_on_a_cluster_without_gpus_fails_at_once(head, bucket):
-    job = head.submit("python", "jobs/train.py", "--smoke", "--use-gpu",
-                      "--data", f"s3://{bucket}/datasets", "--storage", f"s3://{bucket}/runs",
-                      "--resource-timeout-s", "3600")
+def test_use_gpu_on_a_cluster_without_gpus_fails_at_once(head, s3_data, bucket):
+    job = head.submit("python", "jobs/train.py", "--data", s3_data, "--dataset", "tiny",
+                      "--storage", f"s3://{bucket}/runs", "--name", "gpu", "--workers", "2",
+                      "--use-gpu", "--weights", "none", "--resource-timeout-s", "3600")
     assert head.wait(job, 600) == JobStatus.FAILED
     logs = head.client.get_job_logs(job)
     assert "GPU: need 2, cluster has 0, and no autoscaler can add nodes" in logs, logs[-3000:]

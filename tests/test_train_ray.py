@@ -60,10 +60,12 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
     assert json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/result.json")) == summary
     # The stored config is the resolved one, and no credential leaked into anything written.
     assert json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/config.json"))["name"] == "r1"
-    # Every object, checkpoints and weights included, and every one under the run's prefix.
-    assert _keys(bucket, "") == keys
+    # Everything written is under --storage (runs/): no marker objects above it. And no
+    # credential in any object, checkpoints and weights included.
+    everything = _keys(bucket, "")
+    assert all(k.startswith("runs/") for k in everything), everything
     s3 = boto3.client("s3")
-    for key in keys:
+    for key in everything:
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         assert FAKE_SECRET.encode() not in body and FAKE_KEY_ID.encode() not in body, key
 
@@ -188,3 +190,23 @@ def test_missing_dataset_and_bucket_fail_before_ray_work(s3_data, tmp_path):
         train.fit(_cfg(s3_data, str(tmp_path), "x", dataset="nope"), log=lambda _: None)
     with pytest.raises(storage.StorageError, match="s3://no-such-bucket-for-runs/runs"):
         train.fit(_cfg(s3_data, "s3://no-such-bucket-for-runs/runs", "x"), log=lambda _: None)
+
+
+def test_a_local_instance_keeps_token_authentication_on(ray_local):
+    # Started as init_ray starts one (ray.init on loopback, RAY_AUTH_MODE left to Ray): the
+    # dashboard and jobs API refuse a request without the token, accept one with it.
+    import urllib.error
+    import urllib.request
+
+    from ray._private.authentication.http_token_authentication import (
+        get_auth_headers_if_auth_enabled,
+    )
+
+    url = f"http://{ray_local._private.worker.get_dashboard_url()}/api/jobs/"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url, timeout=30)
+    assert e.value.code == 401
+    headers = get_auth_headers_if_auth_enabled({})
+    assert headers, "token authentication is off"
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+        assert r.status == 200
