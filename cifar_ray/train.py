@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
-from cifar_ray import checkpoint, data, storage
+from cifar_ray import checkpoint, data, rendezvous, storage
 from cifar_ray.config import PrepareConfig, TrainConfig, UserError
 from cifar_ray.engine import to_tensor
 from cifar_ray.model import build
@@ -343,6 +343,8 @@ def start_local_ray(**kwargs) -> None:
     # process (read when `ray` was imported). Only ever set for an instance we start.
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # gloo's peer connections, likewise: the loopback interface rather than the host's name.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # Token authentication: Ray 2.60 turns it on for a new local instance unless the user
     # set RAY_AUTH_MODE (setting it here, after `import ray`, would desync Ray's cached
     # config from its daemons). The dashboard runs (on 127.0.0.1) because Train V2 cleans up
@@ -406,6 +408,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrain
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
+        torch_config=rendezvous.BoundTorchConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker,

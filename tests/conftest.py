@@ -75,8 +75,8 @@ def _ip(hex_addr: str) -> str:
     return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
 
 
-def listeners(pids: set[int]) -> set[tuple[str, int, int]]:
-    """(ip, port, pid) of every TCP socket in LISTEN state held by one of `pids`."""
+def listeners(pids: set[int]) -> set[tuple[str, int, int, str]]:
+    """(ip, port, pid, process title) of every TCP socket in LISTEN state held by `pids`."""
     owner = {}
     for pid in pids:
         try:
@@ -93,7 +93,13 @@ def listeners(pids: set[int]) -> set[tuple[str, int, int]]:
                 cols = line.split()
                 if cols[3] == "0A" and int(cols[9]) in owner:  # 0A: LISTEN
                     addr, port = cols[1].split(":")
-                    out.add((_ip(addr), int(port, 16), owner[int(cols[9])]))
+                    pid = owner[int(cols[9])]
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as c:
+                            title = c.read(200).replace(b"\0", b" ").decode(errors="replace")
+                    except OSError:
+                        title = "?"
+                    out.add((_ip(addr), int(port, 16), pid, title.strip()))
     return out
 
 

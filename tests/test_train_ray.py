@@ -19,7 +19,7 @@ import boto3
 import pytest
 import ray.train
 import yaml
-from conftest import FAKE_KEY_ID, FAKE_SECRET, wait_until
+from conftest import FAKE_KEY_ID, FAKE_SECRET, descendants, listeners, wait_until
 
 from cifar_ray import data, storage, train
 from cifar_ray.config import PhaseConfig, TrainConfig
@@ -47,7 +47,25 @@ def _cfg(data_root: str, storage_root: str, name: str, **kw) -> TrainConfig:
 
 def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket):
     cfg = _cfg(s3_data, f"s3://{bucket}/runs", "r1")
-    summary = train.fit(cfg, log=lambda _: None)
+    # Sample every listening socket of our processes while the 2 gloo workers train.
+    seen, done = set(), threading.Event()
+
+    def sample():
+        while not done.is_set():
+            seen.update(listeners(descendants(os.getpid())))
+            done.wait(0.5)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        summary = train.fit(cfg, log=lambda _: None)
+    finally:
+        done.set()
+        sampler.join()
+    # Ray's servers, torch's rendezvous store and gloo's peer sockets: all on loopback.
+    assert sum(s[3].startswith("ray::RayTrainWorker") for s in seen) >= 2, seen
+    public = sorted(s for s in seen if not s[0].startswith(("127.", "::1", "::ffff:127.")))
+    assert not public, f"listening beyond loopback (ip, port, pid, process): {public}"
     keys = _keys(bucket, "runs/r1/")
     for name in ("config.json", "metrics.jsonl", "model_final.pt", "result.json"):
         assert f"runs/r1/{name}" in keys
