@@ -37,9 +37,8 @@ def compute(exp: str, shared: bool) -> dict:
     trials = storage.join(exp, tune.TRIALS)
     ran = list(p1)
     per_trial = {}
-    for name in storage.list_dir(trials):
-        rows = [r for r in train.read_metrics(storage.join(trials, name))
-                if r["phase"] == 2 or not shared]
+    for name, (_, history) in train.read_runs(trials).items():
+        rows = [r for r in history if r["phase"] == 2 or not shared]
         ran += rows
         per_trial[name] = sum(r["phase"] == 2 for r in rows)
     return {"trial_epochs": len(ran), "phase1_epochs": sum(r["phase"] == 1 for r in ran),
