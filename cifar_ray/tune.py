@@ -22,7 +22,7 @@ import math
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from cifar_ray import data, storage, train
 from cifar_ray.config import DEFAULT_LRS, SweepConfig, TrainConfig, UserError
@@ -32,6 +32,28 @@ PHASE1, TRIALS, BEST = "phase1", "trials", "best.json"
 
 class ExperimentExistsError(UserError, RuntimeError):
     """The experiment name is taken (and --resume was not given), or is missing on --resume."""
+
+
+class ASHA(ASHAScheduler):
+    """Tune's ASHA, plus: the rungs a trial already passed are checked again at each result.
+
+    ASHA decides at a rung with whatever has arrived there, so the first trials to reach it
+    pass on a (nearly) empty rung, however weak, and may then run to the end. Here a trial
+    that passed a rung early is stopped at its next result once later arrivals put it below
+    that rung's cutoff: the cut synchronous successive halving would have made, still
+    without holding any trial back to wait for others.
+    """
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        bracket = self._trial_info.get(trial.trial_id)
+        passed = [r for _, r in bracket._rungs if trial.trial_id in r] if bracket else []
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.CONTINUE:
+            for recorded in passed:
+                if recorded[trial.trial_id] < bracket.cutoff(recorded):
+                    self._num_stopped += 1
+                    return TrialScheduler.STOP
+        return action
 
 
 def search_space(cfg: SweepConfig) -> tuple[dict, int]:
@@ -156,7 +178,7 @@ def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool, log) -> dict:
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=storage_fs)
     else:
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=offset + t.phase2.epochs,
+        scheduler = (ASHA(time_attr="training_iteration", max_t=offset + t.phase2.epochs,
                                    grace_period=offset + cfg.grace_period,
                                    reduction_factor=cfg.reduction_factor)
                      if cfg.scheduler == "asha" else FIFOScheduler())

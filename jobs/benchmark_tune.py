@@ -46,11 +46,12 @@ def compute(exp: str, shared: bool) -> dict:
             "epoch_seconds": sum(r["seconds"] for r in ran), "phase2_epochs_per_trial": per_trial}
 
 
-def run_sweep(name: str, common: list[str], extra: list[str], exp: str, shared: bool) -> dict:
+def run_sweep(name: str, common: list[str], extra: list[str], exp: str, shared: bool,
+              env: dict) -> dict:
     cmd = [sys.executable, str(REPO / "jobs" / "tune.py"), "--name", name, *common, *extra]
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         sys.exit(f"{name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
@@ -74,11 +75,17 @@ def main() -> int:
     # the first epoch (the rung where ASHA first decides) instead of after several.
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--reduction-factor", type=int, default=4)
-    ap.add_argument("--concurrent", type=int, default=2, help="trials at once (1 CPU each)")
+    ap.add_argument("--concurrent", type=int, default=None,
+                    help="trials at once, 1 worker each (default: all of them)")
     ap.add_argument("--work", default=None, help="folder for data and sweeps (default: temp)")
     ap.add_argument("--out", default="results/benchmark_tune.json")
     args = ap.parse_args()
 
+    concurrent = args.concurrent or len(args.lrs)
+    # As on a cluster with a GPU per trial, every trial runs at once: the local instance
+    # gets one logical CPU per trial (Ray's own override), and the trials' single-threaded
+    # workers share the physical cores. Both sweeps run the same way.
+    env = {**os.environ, "RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": concurrent})}
     work = args.work or tempfile.mkdtemp(prefix="cifar-ray-bench-tune-")
     data.prepare(PrepareConfig(source="folder", source_uri=args.source_uri, data=work,
                                dataset="bench", val_size=args.val_size,
@@ -86,24 +93,24 @@ def main() -> int:
     sweeps = os.path.join(work, "sweeps")
     common = ["--data", work, "--dataset", "bench", "--storage", sweeps, "--weights", "none",
               "--workers", "1", "--cpus-per-worker", "1",
-              "--max-concurrent-trials", str(args.concurrent),
+              "--max-concurrent-trials", str(concurrent),
               "--phase1-epochs", str(args.phase1_epochs),
               "--phase2-epochs", str(args.phase2_epochs),
               "--phase1-batch-size", str(args.batch_size),
               "--phase2-batch-size", str(args.batch_size), "--phase2-warmup-epochs", "0.5",
               "--lrs", *map(str, args.lrs)]
     grid = run_sweep("grid", common, ["--scheduler", "fifo", "--no-share-phase1"],
-                     os.path.join(sweeps, "grid"), shared=False)
+                     os.path.join(sweeps, "grid"), shared=False, env=env)
     asha = run_sweep("asha", common, ["--scheduler", "asha", "--grace-period", "1",
                                       "--reduction-factor", str(args.reduction_factor)],
-                     os.path.join(sweeps, "asha"), shared=True)
+                     os.path.join(sweeps, "asha"), shared=True, env=env)
     ratio = asha["trial_epochs"] / grid["trial_epochs"]
     gap = (grid["best_val_acc"] - asha["best_val_acc"]) * 100
     results = {"train_images": args.per_class * 10 - args.val_size, "val_images": args.val_size,
                "lrs": args.lrs, "phase1_epochs": args.phase1_epochs,
                "phase2_epochs": args.phase2_epochs, "batch_size": args.batch_size,
                "reduction_factor": args.reduction_factor,
-               "concurrent_trials": args.concurrent, "cpus": os.cpu_count(),
+               "concurrent_trials": concurrent, "cpus": os.cpu_count(),
                "grid": grid, "asha": asha,
                "trial_epochs_ratio": ratio,
                "epoch_seconds_ratio": asha["epoch_seconds"] / grid["epoch_seconds"],
@@ -113,7 +120,7 @@ def main() -> int:
 
     print(f"\n{results['train_images']} train / {args.val_size} val real images, "
           f"{len(args.lrs)} LRs, {args.phase1_epochs} + {args.phase2_epochs} epochs, "
-          f"{args.concurrent} trials at once, {os.cpu_count()} CPUs, --weights none")
+          f"{concurrent} trials at once, {os.cpu_count()} CPUs, --weights none")
     print(f"{'sweep':28} {'trial-epochs':>12} {'epoch s':>8} {'wall s':>8} {'best lr':>8} "
           f"{'best val':>9}")
     for label, r in (("FIFO grid, phase 1 per trial", grid), ("ASHA, shared phase 1", asha)):
