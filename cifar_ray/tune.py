@@ -179,8 +179,8 @@ def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool, log) -> dict:
                                    resume_errored=True, storage_filesystem=storage_fs)
     else:
         scheduler = (ASHA(time_attr="training_iteration", max_t=offset + t.phase2.epochs,
-                                   grace_period=offset + cfg.grace_period,
-                                   reduction_factor=cfg.reduction_factor)
+                          grace_period=offset + cfg.grace_period,
+                          reduction_factor=cfg.reduction_factor)
                      if cfg.scheduler == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
