@@ -138,15 +138,17 @@ def main() -> int:
                        "bare_beside_idle_ray_per_epoch": idle_all})
         print(f"round {r + 1}/{args.rounds}: TorchTrainer {via_ray:.1f}, bare {bare:.1f}, "
               f"bare beside idle Ray {idle:.1f} img/s", flush=True)
-    med = {k: statistics.median(x[k] for x in rounds) for k in rounds[0] if "ratio" in k
-           or k.endswith("images_per_s")}
-    bare, via_ray, idle = (med[k] for k in ("bare_images_per_s", "trainer_images_per_s",
+
+    def med(key: str) -> float:
+        return statistics.median(x[key] for x in rounds)
+
+    bare, via_ray, idle = (med(k) for k in ("bare_images_per_s", "trainer_images_per_s",
                                             "bare_beside_idle_ray_images_per_s"))
     results["1_trainer_vs_bare"] = {"bare_images_per_s": bare, "trainer_images_per_s": via_ray,
-                                    "ratio": med["ratio"],
+                                    "ratio": med("ratio"),
                                     "ratio_per_round": [x["ratio"] for x in rounds],
                                     "bare_beside_idle_ray_ratio":
-                                        med["bare_beside_idle_ray_ratio"],
+                                        med("bare_beside_idle_ray_ratio"),
                                     "rounds": rounds, "target": ">= 0.95"}
     pipe = pipeline(cfg, args.batch_size)
     results["2_pipeline_vs_training"] = {**pipe, "training_images_per_s": bare,
