@@ -15,7 +15,7 @@ import os
 import torch
 
 from cifar_ray import storage
-from cifar_ray.config import UserError
+from cifar_ray.errors import UserError
 
 STATE = "state.pt"
 DIGEST = "state.pt.sha256"

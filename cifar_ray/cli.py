@@ -7,8 +7,10 @@
     cifar-ray evaluate results/smoke/checkpoint-p2-e000 --split test
 
 Flags come from the config dataclasses (config.py): `cifar-ray train --help` lists them all.
-Errors in input (ValueError and our storage/data errors) print one line naming the flag,
-file or URI and exit with status 2, before any expensive work.
+Every subcommand takes --log-level (our own lines; Ray's: --ray-log-level). Errors in
+input (ValueError and our storage/data errors) print one line naming the flag, file or URI
+and exit with status 2, before any expensive work. Each subcommand imports only what it
+needs: `inspect` and `evaluate` never import Ray.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import argparse
 import json
 import sys
 
-from cifar_ray.config import PrepareConfig, SweepConfig, TrainConfig, UserError
+from cifar_ray import logs
+from cifar_ray.config import LOG_LEVELS, PrepareConfig, SweepConfig, TrainConfig
+from cifar_ray.errors import UserError
 
 
 def _prepare(ns: argparse.Namespace) -> int:
@@ -54,13 +58,14 @@ def _inspect(ns: argparse.Namespace) -> int:
 
 
 def _evaluate(ns: argparse.Namespace) -> int:
-    from cifar_ray import storage, train
+    from cifar_ray import storage
     from cifar_ray.checkpoint import load_uri
+    from cifar_ray.evaluate import evaluate_checkpoint
 
     state = load_uri(ns.checkpoint)
     cfg = TrainConfig.from_dict({**state["config"], "use_gpu": ns.use_gpu,
                                  **({"data": ns.data} if ns.data else {})})
-    out = train.evaluate_checkpoint(ns.checkpoint, cfg, ns.split, state)
+    out = evaluate_checkpoint(ns.checkpoint, cfg, ns.split, state)
     print(json.dumps({k: out[k] for k in ("split", "accuracy", "loss", "count", "phase", "epoch")}
                      | {"checkpoint": storage.display(ns.checkpoint)}, indent=2))
     return 0
@@ -68,22 +73,30 @@ def _evaluate(ns: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cifar-ray", description=__doc__.split("\n")[0])
+    # train and tune get --log-level from TrainConfig (their workers log at that level too).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
+                        help="level of cifar_ray's own log lines (default: INFO)")
     sub = p.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare-data", help="write a dataset as Parquet shards")
+
+    def add(name: str, help: str, config: bool = False) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[] if config else [common])
+
+    prep = add("prepare-data", "write a dataset as Parquet shards")
     PrepareConfig.add_arguments(prep)
     prep.set_defaults(run=_prepare)
-    tr = sub.add_parser("train", help="two-phase training on Ray Train")
+    tr = add("train", "two-phase training on Ray Train", config=True)
     TrainConfig.add_arguments(tr)
     tr.set_defaults(run=_train)
-    tu = sub.add_parser("tune", help="Ray Tune sweep of the phase-2 learning rate")
+    tu = add("tune", "Ray Tune sweep of the phase-2 learning rate", config=True)
     SweepConfig.add_arguments(tu)
     tu.set_defaults(run=_tune)
-    ins = sub.add_parser("inspect", help="read a sweep from storage: table, JSON, plots")
+    ins = add("inspect", "read a sweep from storage: table, JSON, plots")
     ins.add_argument("experiment", help="experiment folder: <storage>/<name> (path or s3://)")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
     ins.set_defaults(run=_inspect)
-    ev = sub.add_parser("evaluate", help="accuracy of a checkpoint on a split")
+    ev = add("evaluate", "accuracy of a checkpoint on a split")
     ev.add_argument("checkpoint", help="checkpoint folder: path or s3:// URI")
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
     ev.add_argument("--data", default=None, help="dataset root, if not the one it trained on")
@@ -94,6 +107,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parser().parse_args(argv)
+    logs.setup(ns.log_level)
     try:
         return ns.run(ns)
     except (ValueError, UserError) as e:  # bad flags, files, URIs, run names, resources

@@ -18,16 +18,15 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from cifar_ray.storage import join
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SOURCES = ("torchvision", "archive", "folder", "synthetic")
 # Run and dataset names become path components in object storage: keep them portable.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class UserError(Exception):
-    """Bad input or state that the user can fix: the CLI prints it as one line, no traceback."""
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -58,8 +57,19 @@ def _check_name(value: str, flag: str) -> None:
            "starting with a letter or digit")
 
 
+class _Refused(argparse.Action):
+    """A flag of a nested config that this command sets itself: given, it is an error that
+    says what to use instead (its help), never silently ignored."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(2, f"{parser.prog}: error: {option_string}: {self.help}\n")
+
+
 class _Config:
     """Shared dict/CLI conversion for the config dataclasses."""
+
+    # Flag destinations (e.g. "phase2_lr") this job sets itself -> what to use instead.
+    REFUSED: ClassVar[dict[str, str]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -83,19 +93,25 @@ class _Config:
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser, prefix: str = "",
-                      defaults: Any = None) -> None:
+                      defaults: Any = None, refused: dict[str, str] | None = None) -> None:
         """Add one flag per field (recursing into nested configs with a prefix)."""
         hints = typing.get_type_hints(cls)
         defaults = defaults if defaults is not None else cls()
+        refused = cls.REFUSED if refused is None else refused
         for f in dataclasses.fields(cls):
             typ = hints[f.name]
             default = getattr(defaults, f.name)
             if dataclasses.is_dataclass(typ):
-                typ.add_arguments(parser, prefix=_nested_prefix(f, prefix), defaults=default)
+                typ.add_arguments(parser, prefix=_nested_prefix(f, prefix), defaults=default,
+                                  refused=refused)
                 continue
             flag = _flag(f.name, prefix)
             help_ = f.metadata.get("help", "") + f" (default: {default})"
             dest = prefix + f.name
+            if dest in refused:  # parsed to the default unless given, which is an error
+                parser.add_argument(flag, dest=dest, action=_Refused, default=default,
+                                    help=f"not accepted here: {refused[dest]}")
+                continue
             if typ is bool:
                 parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                     default=default, help=help_)
@@ -220,9 +236,10 @@ class TrainConfig(_Config):
     max_failures: int = _f(0, "worker-group restarts from the latest checkpoint before failing")
     resource_timeout_s: float = _f(120.0, "seconds to wait for the cluster to offer the "
                                    "requested workers (autoscaling) before failing")
+    log_level: str = _f("INFO", "level of cifar_ray's own log lines, on the driver and on "
+                        "rank 0 of every run (the other ranks only warn)", choices=LOG_LEVELS)
     ray_log_level: str = _f("WARNING", "level of Ray Train's own console logs (INFO shows "
-                            "every report and checkpoint)",
-                            choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+                            "every report and checkpoint)", choices=LOG_LEVELS)
     overwrite: bool = _f(False, "replace a finished run of the same name instead of refusing")
     seed: int = _f(0, "seed for initialisation, shuffling and augmentation")
     smoke: bool = _f(False, "synthetic data, --weights none, 1+1 epochs, 2 CPU workers")
@@ -253,8 +270,9 @@ class TrainConfig(_Config):
                f"{self.keep_checkpoints}; must be >= 1")
         _check(self.max_failures >= -1, "--max-failures",
                f"{self.max_failures}; must be >= 0 (or -1 for unlimited)")
-        _check(self.ray_log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "--ray-log-level",
-               f"{self.ray_log_level!r}; choose DEBUG, INFO, WARNING or ERROR")
+        for flag, level in (("--log-level", self.log_level),
+                            ("--ray-log-level", self.ray_log_level)):
+            _check(level in LOG_LEVELS, flag, f"{level!r}; choose one of {LOG_LEVELS}")
         _check(self.resource_timeout_s >= 0, "--resource-timeout-s",
                f"{self.resource_timeout_s}; must be >= 0")
 
@@ -278,13 +296,9 @@ class TrainConfig(_Config):
             phase2=dataclasses.replace(self.phase2, warmup_epochs=0.0, **small))
 
     def run_uri(self) -> str:
-        from cifar_ray.storage import join
-
         return join(self.storage, self.name)
 
     def dataset_uri(self) -> str:
-        from cifar_ray.storage import join
-
         return join(self.data, self.dataset)
 
 
@@ -298,6 +312,10 @@ class SweepConfig(_Config):
 
     The training flags (--data, --storage, --name, --workers, --phase2-epochs, ...) are the
     train job's own; --name names the experiment and --workers counts workers per trial."""
+
+    REFUSED: ClassVar[dict[str, str]] = {
+        "phase2_lr": "a sweep sets each trial's phase-2 LR; give the LRs to try with --lrs "
+                     "(or --lr-range)"}
 
     train: TrainConfig = _f(TrainConfig(name="lr-sweep"), "the training job every trial runs",
                             flatten=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
 import posixpath
@@ -25,7 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cifar_ray import storage
-from cifar_ray.config import PrepareConfig, UserError
+from cifar_ray.config import PrepareConfig
+from cifar_ray.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SIDE = 32
 PIXELS = SIDE * SIDE * 3
@@ -285,7 +289,7 @@ def prepared_with(cfg: PrepareConfig) -> dict:
     return {k: v for k, v in args.items() if v is not None}
 
 
-def prepare(cfg: PrepareConfig, log=print) -> dict:
+def prepare(cfg: PrepareConfig) -> dict:
     """Write the dataset unless an identical one exists; return its manifest."""
     root = storage.join(cfg.data, cfg.dataset)
     manifest_uri = storage.join(root, MANIFEST)
@@ -297,11 +301,11 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
                 f"{storage.display(root)} already holds a dataset prepared with "
                 f"{manifest.get('prepared_with')}; refusing to overwrite it with "
                 f"{prepared_with(cfg)}. Use another --dataset name or --data root.")
-        log(f"dataset {storage.display(root)} already prepared: "
-            f"{ {k: v['count'] for k, v in manifest['splits'].items()} }; nothing to do")
+        log.info(f"dataset {storage.display(root)} already prepared: "
+                 f"{ {k: v['count'] for k, v in manifest['splits'].items()} }; nothing to do")
         return manifest
     storage.check_writable(cfg.data)
-    log(f"reading source {cfg.source} {storage.display(cfg.source_uri or '')}".rstrip())
+    log.info(f"reading source {cfg.source} {storage.display(cfg.source_uri or '')}".rstrip())
     if cfg.source == "archive":
         splits, classes = read_archive(cfg.source_uri)
     elif cfg.source == "folder":
@@ -334,9 +338,9 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         manifest["splits"][name] = {
             "count": len(s.labels), "shards": shards,
             "class_counts": np.bincount(s.labels, minlength=len(classes)).tolist()}
-        log(f"  {name}: {len(s.labels)} images in {len(shards)} shard(s)")
+        log.info(f"  {name}: {len(s.labels)} images in {len(shards)} shard(s)")
     storage.write_bytes(manifest_uri, json.dumps(manifest, indent=2).encode())
-    log(f"wrote {storage.display(manifest_uri)}")
+    log.info(f"wrote {storage.display(manifest_uri)}")
     return manifest
 
 

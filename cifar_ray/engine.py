@@ -105,12 +105,15 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
                     loss_fn: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor],
                     gen: torch.Generator, amp_dtype: torch.dtype | None = None) -> dict:
     """One pass over (inputs, labels) in shuffled batches; returns sums, so that ranks can
-    add them up: loss_sum, correct, count, seconds."""
+    add them up: loss_sum, correct, count, seconds; and the LR of the first and the last step
+    (lr_start, lr_end: the range the epoch trained with)."""
     loss_sum = torch.zeros((), device=inputs.device)
     correct = torch.zeros((), device=inputs.device, dtype=torch.long)
     count = 0
+    lrs = []
     start = time.perf_counter()
     for idx in batch_indices(len(labels), batch_size, gen, drop_last=True):
+        lrs.append(optimizer.param_groups[0]["lr"])  # a host float: no device sync
         idx = idx.to(inputs.device, non_blocking=True)
         x, y = transform(inputs[idx]), labels[idx]
         with _autocast(x, amp_dtype):
@@ -127,7 +130,8 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     if inputs.device.type == "cuda":
         torch.cuda.synchronize(inputs.device)
     return {"loss_sum": float(loss_sum), "correct": int(correct), "count": count,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start,
+            "lr_start": lrs[0] if lrs else None, "lr_end": lrs[-1] if lrs else None}
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from cifar_ray import storage
-from cifar_ray.config import UserError
+from cifar_ray.errors import UserError
 
 FEATURES = 2048  # ResNet50's pooled feature width
 

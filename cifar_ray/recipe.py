@@ -9,23 +9,31 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from cifar_ray import engine
-from cifar_ray.config import TrainConfig
+from cifar_ray.config import PhaseConfig, TrainConfig
 from cifar_ray.model import Classifier, set_phase, train_mode
+
+log = logging.getLogger(__name__)
 
 
 def _identity(module: nn.Module) -> nn.Module:
     return module
 
 
-def _no_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Across the process group when there is one of several ranks; else t as it is."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t
 
 
@@ -36,10 +44,25 @@ class Runtime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rank: int = 0
     world: int = 1
-    wrap: Callable[[nn.Module], nn.Module] = _identity      # DDP under Ray
-    all_reduce: Callable[..., torch.Tensor] = _no_reduce    # (tensor, op) across ranks
+    wrap: Callable[[nn.Module], nn.Module] = _identity      # DDP when world > 1
+    all_reduce: Callable[..., torch.Tensor] = _all_reduce   # (tensor, op) across ranks
     amp_dtype: torch.dtype | None = None                    # bf16 on CUDA
     channels_last: bool = False                             # on CUDA
+
+    @classmethod
+    def for_device(cls, device: torch.device, rank: int = 0, world: int = 1) -> Runtime:
+        """Production settings: bf16 autocast and channels_last on CUDA, DDP over several
+        ranks (with the device's index on CUDA)."""
+        cuda = device.type == "cuda"
+
+        def wrap(module: nn.Module) -> nn.Module:
+            if world == 1:
+                return module
+            return nn.parallel.DistributedDataParallel(
+                module, device_ids=[device.index] if cuda else None)
+
+        return cls(device=device, rank=rank, world=world, wrap=wrap,
+                   amp_dtype=torch.bfloat16 if cuda else None, channels_last=cuda)
 
     def reduce(self, values: list[float], op: str = "sum") -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -47,8 +70,8 @@ class Runtime:
 
 
 @dataclass
-class Data:
-    """This rank's images (uint8 [N, 3, 32, 32]) and labels on the training device."""
+class DeviceSplits:
+    """This rank's images (uint8 [N, 3, 32, 32]) and labels, on the training device."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -68,10 +91,57 @@ def image_transform(cfg: TrainConfig, rt: Runtime, augment: bool, gen: torch.Gen
     return transform
 
 
-def run_phases(cfg: TrainConfig, model: Classifier, data: Data, rt: Runtime, report: Report,
-               resume: dict | None = None, log: Callable[[str], None] = print) -> list[dict]:
+@dataclass
+class PhaseInputs:
+    """What one phase trains and on what: the whole model on images, or (phase 1 with cached
+    features) the head alone on the frozen backbone's features."""
+
+    module: nn.Module
+    train_x: torch.Tensor
+    val_x: torch.Tensor
+    cached: bool
+    setup_seconds: float  # the one backbone pass of cached features, else 0
+
+
+def start_epoch(phase: int, pc: PhaseConfig, resume: dict | None) -> int | None:
+    """The epoch a phase starts at, or None when there is nothing left of it to run."""
+    if resume and resume["phase"] > phase:
+        return None
+    start = resume["epoch"] + 1 if resume and resume["phase"] == phase else 0
+    return start if start < pc.epochs else None
+
+
+def phase_inputs(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runtime,
+                 phase: int, batch_size: int) -> PhaseInputs:
+    set_phase(model, phase)
+    if not (phase == 1 and cfg.caches_features()):
+        return PhaseInputs(model, data.train_x, data.val_x, cached=False, setup_seconds=0.0)
+    # Frozen backbone + BN in eval + no augmentation: features are a pure function of the
+    # image, so one backbone pass replaces one per epoch.
+    t0 = time.perf_counter()
+    plain = image_transform(cfg, rt, augment=False, gen=None)
+    train_x, val_x = (engine.extract_features(model.backbone, x, batch_size=batch_size,
+                                              transform=plain, amp_dtype=rt.amp_dtype)
+                      for x in (data.train_x, data.val_x))
+    seconds = rt.reduce([time.perf_counter() - t0], "max")[0]
+    log.info(f"phase 1: cached backbone features for {len(data.train_y)} train + "
+             f"{len(data.val_y)} val images per worker in {seconds:.1f} s")
+    return PhaseInputs(model.head, train_x, val_x, cached=True, setup_seconds=seconds)
+
+
+def checkpoint_state(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, phase: int,
+                     epoch: int, history: list[dict]) -> dict:
+    """Everything a resume needs: weights, optimizer and schedule, where it stood, the
+    history so far and the config that produced it."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "phase": phase, "epoch": epoch,
+            "history": list(history), "config": cfg.to_dict()}
+
+
+def run_phases(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runtime,
+               report: Report, resume: dict | None = None) -> list[dict]:
     """Train both phases, reporting after every epoch. `resume` is a checkpoint state (as
-    built by the state thunk) to continue from: its phase and epoch are skipped. Returns the
+    built by checkpoint_state) to continue from: its phase and epoch are skipped. Returns the
     per-epoch metrics history (including epochs from before a resume)."""
     history: list[dict] = list(resume["history"]) if resume else []
     restored_from = None
@@ -79,103 +149,87 @@ def run_phases(cfg: TrainConfig, model: Classifier, data: Data, rt: Runtime, rep
         model.load_state_dict(resume["model"])
         restored_from = {"phase": resume["phase"], "epoch": resume["epoch"]}
     eval_batch = max(cfg.phase1.batch_size, cfg.phase2.batch_size) // rt.world
-    total_epochs = cfg.phase1.epochs + cfg.phase2.epochs
     for phase in (1, 2):
         pc = cfg.phase(phase)
-        start_epoch = 0
-        if resume and resume["phase"] > phase:
-            continue
-        if resume and resume["phase"] == phase:
-            start_epoch = resume["epoch"] + 1
-        if start_epoch >= pc.epochs:
+        first = start_epoch(phase, pc, resume)
+        if first is None:
             continue
         per_rank_batch = pc.batch_size // rt.world
         steps = len(data.train_y) // per_rank_batch
         if steps == 0:
             raise ValueError(f"--phase{phase}-batch-size {pc.batch_size}: larger than the "
                              f"{len(data.train_y) * rt.world} training images")
-        set_phase(model, phase)
-        cached = phase == 1 and cfg.caches_features()
-        if cached:
-            # Frozen backbone + BN in eval + no augmentation: features are a pure function
-            # of the image, so one backbone pass replaces one per epoch.
-            t0 = time.perf_counter()
-            plain = image_transform(cfg, rt, augment=False, gen=None)
-            feats = {k: engine.extract_features(model.backbone, x, batch_size=eval_batch,
-                                                transform=plain, amp_dtype=rt.amp_dtype)
-                     for k, x in (("train", data.train_x), ("val", data.val_x))}
-            feature_seconds = rt.reduce([time.perf_counter() - t0], "max")[0]
-            log(f"phase 1: cached backbone features for {len(data.train_y)} train + "
-                f"{len(data.val_y)} val images per worker in {feature_seconds:.1f} s")
-            module, train_x, val_x = model.head, feats["train"], feats["val"]
-            transform_train = transform_eval = _identity
-        else:
-            feature_seconds = 0.0
-            module, train_x, val_x = model, data.train_x, data.val_x
-            transform_eval = image_transform(cfg, rt, augment=False, gen=None)
-        wrapped = rt.wrap(module)  # (re)wrapped per phase: DDP keeps the params it saw
-        optimizer = engine.make_optimizer(pc, module.parameters())
+        inputs = phase_inputs(cfg, model, data, rt, phase, eval_batch)
+        wrapped = rt.wrap(inputs.module)  # (re)wrapped per phase: DDP keeps the params it saw
+        optimizer = engine.make_optimizer(pc, inputs.module.parameters())
         scheduler = engine.make_scheduler(optimizer, pc, steps)
         if resume and resume["phase"] == phase:
             optimizer.load_state_dict(resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
         loss_fn = nn.CrossEntropyLoss(label_smoothing=pc.label_smoothing)
-        for epoch in range(start_epoch, pc.epochs):
-            # Seeded per (phase, epoch, rank): a resumed run replays the same order.
-            epoch_seed = ((cfg.seed * 3 + phase) * 1009 + epoch) * 1009 + rt.rank
-            gen_cpu = torch.Generator().manual_seed(epoch_seed)
-            gen_dev = torch.Generator(device=rt.device).manual_seed(epoch_seed + 1)
-            if not cached:
-                transform_train = image_transform(cfg, rt, pc.augment, gen_dev)
-            if cached:
-                module.train()
-            else:
-                train_mode(model, phase)
-            tr = engine.train_one_epoch(wrapped, train_x, data.train_y, batch_size=per_rank_batch,
-                                        optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-                                        transform=transform_train, gen=gen_cpu,
-                                        amp_dtype=rt.amp_dtype)
-            lr = optimizer.param_groups[0]["lr"]  # where the schedule stands after this epoch
-            va = engine.evaluate(module, val_x, data.val_y, batch_size=eval_batch,
-                                 transform=transform_eval, amp_dtype=rt.amp_dtype)
-            sums = rt.reduce([tr["loss_sum"], tr["correct"], tr["count"],
-                              va["loss_sum"], va["correct"], va["count"]])
-            train_seconds = rt.reduce([tr["seconds"]], "max")[0]
-            seconds = train_seconds + (feature_seconds if epoch == start_epoch else 0.0)
-            metrics = {
-                "phase": phase, "epoch": epoch, "global_epoch": len(history) + 1,
-                "train_loss": sums[0] / sums[2], "train_acc": sums[1] / sums[2],
-                "val_loss": sums[3] / max(sums[5], 1), "val_acc": sums[4] / max(sums[5], 1),
-                "lr": lr, "seconds": seconds, "images_per_s": sums[2] / max(train_seconds, 1e-9),
-                "feature_cache": cached,
-            }
+        for epoch in range(first, pc.epochs):
+            tr, va = run_epoch(cfg, model, inputs, wrapped, data, rt, phase, epoch,
+                               optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+                               batch_size=per_rank_batch, eval_batch=eval_batch)
+            setup = inputs.setup_seconds if epoch == first else 0.0
+            metrics = epoch_metrics(rt, phase, epoch, len(history) + 1, tr, va, setup, inputs)
             if restored_from is not None:
                 # Marks the first epoch after a restore: a record of where training resumed.
                 metrics["restored_from"], restored_from = restored_from, None
             history.append(metrics)
-            eta = seconds * (pc.epochs - epoch - 1)
-            log(f"[phase {phase} epoch {epoch + 1}/{pc.epochs} | {len(history)}/{total_epochs}] "
-                f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.4f} | "
-                f"val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.4f} | "
-                f"lr {lr:.2e} | {metrics['images_per_s']:.0f} img/s | {seconds:.1f} s | "
-                f"phase ETA {eta:.0f} s")
-
-            def state(phase=phase, epoch=epoch, optimizer=optimizer, scheduler=scheduler) -> dict:
-                return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "phase": phase, "epoch": epoch,
-                        "history": list(history), "config": cfg.to_dict()}
-
-            report(metrics, state)
+            log.info(epoch_line(cfg, metrics))
+            report(metrics, functools.partial(checkpoint_state, cfg, model, optimizer,
+                                              scheduler, phase, epoch, history))
     return history
 
 
-@torch.no_grad()
-def evaluate_split(model: Classifier, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-                   rt: Runtime, batch_size: int = 512) -> dict:
-    """Loss, accuracy and predictions of `model` on one split (no augmentation)."""
-    out = engine.evaluate(model, x, y, batch_size=batch_size,
-                          transform=image_transform(cfg, rt, augment=False, gen=None),
-                          amp_dtype=rt.amp_dtype, return_predictions=True)
-    n = max(out["count"], 1)
-    return {"loss": out["loss_sum"] / n, "accuracy": out["correct"] / n, "count": out["count"],
-            "predictions": out["predictions"]}
+def run_epoch(cfg: TrainConfig, model: Classifier, inputs: PhaseInputs, wrapped: nn.Module,
+              data: DeviceSplits, rt: Runtime, phase: int, epoch: int, *, optimizer,
+              scheduler, loss_fn: nn.Module, batch_size: int, eval_batch: int
+              ) -> tuple[dict, dict]:
+    """One training pass and one validation pass: (train sums, val sums) of this rank."""
+    # Seeded per (phase, epoch, rank): a resumed run replays the same order.
+    seed = ((cfg.seed * 3 + phase) * 1009 + epoch) * 1009 + rt.rank
+    if inputs.cached:
+        inputs.module.train()
+        transform_train = transform_eval = _identity
+    else:
+        train_mode(model, phase)
+        gen_dev = torch.Generator(device=rt.device).manual_seed(seed + 1)
+        transform_train = image_transform(cfg, rt, cfg.phase(phase).augment, gen_dev)
+        transform_eval = image_transform(cfg, rt, augment=False, gen=None)
+    tr = engine.train_one_epoch(wrapped, inputs.train_x, data.train_y, batch_size=batch_size,
+                                optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+                                transform=transform_train,
+                                gen=torch.Generator().manual_seed(seed), amp_dtype=rt.amp_dtype)
+    va = engine.evaluate(inputs.module, inputs.val_x, data.val_y, batch_size=eval_batch,
+                         transform=transform_eval, amp_dtype=rt.amp_dtype)
+    return tr, va
+
+
+def epoch_metrics(rt: Runtime, phase: int, epoch: int, global_epoch: int, tr: dict, va: dict,
+                  setup_seconds: float, inputs: PhaseInputs) -> dict:
+    """One metrics.jsonl row: sums over every rank, the slowest rank's time."""
+    sums = rt.reduce([tr["loss_sum"], tr["correct"], tr["count"],
+                      va["loss_sum"], va["correct"], va["count"]])
+    train_seconds = rt.reduce([tr["seconds"]], "max")[0]
+    return {
+        "phase": phase, "epoch": epoch, "global_epoch": global_epoch,
+        "train_loss": sums[0] / sums[2], "train_acc": sums[1] / sums[2],
+        "val_loss": sums[3] / max(sums[5], 1), "val_acc": sums[4] / max(sums[5], 1),
+        # The LR of the epoch's first and last step (a cosine phase ends near 0).
+        "lr_start": tr["lr_start"], "lr_end": tr["lr_end"],
+        "seconds": train_seconds + setup_seconds,
+        "images_per_s": sums[2] / max(train_seconds, 1e-9), "feature_cache": inputs.cached,
+    }
+
+
+def epoch_line(cfg: TrainConfig, m: dict) -> str:
+    epochs = cfg.phase(m["phase"]).epochs
+    eta = m["seconds"] * (epochs - m["epoch"] - 1)
+    return (f"[phase {m['phase']} epoch {m['epoch'] + 1}/{epochs} | "
+            f"{m['global_epoch']}/{cfg.phase1.epochs + cfg.phase2.epochs}] "
+            f"train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f} | "
+            f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f} | "
+            f"lr {m['lr_start']:.2e} -> {m['lr_end']:.2e} | {m['images_per_s']:.0f} img/s | "
+            f"{m['seconds']:.1f} s | phase ETA {eta:.0f} s")

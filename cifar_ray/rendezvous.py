@@ -6,7 +6,8 @@ Ray Train's own setup lets torch create the rank-0 TCPStore, which listens on al
 (torch takes no bind address for it). Here rank 0 binds the listening socket itself, to the
 address Ray picked for it (the node IP: 127.0.0.1 on a private one-machine instance), and
 hands it to the TCPStore; every rank then joins the process group through that store. The
-rest (backend choice, torch's env vars, shutdown) is Ray's, unchanged.
+rest (backend choice, torch's env vars, shutdown) is Ray's, unchanged; the private Ray
+names it needs come from ray_internals.py.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from datetime import timedelta
 
 import ray
 import torch.distributed as dist
-from ray.train._internal.utils import get_address_and_port
 from ray.train.torch import TorchConfig
-from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+from cifar_ray import ray_internals
 
 
 def init_process_group(backend: str, world_rank: int, world_size: int, addr: str, port: int,
@@ -41,12 +42,12 @@ def init_process_group(backend: str, world_rank: int, world_size: int, addr: str
                             timeout=timeout)
 
 
-class _BoundBackend(_TorchBackend):
+class _BoundBackend(ray_internals.TorchBackend):
     def on_start(self, worker_group, backend_config: TorchConfig) -> None:
         gpus = worker_group.get_resources_per_worker().get("GPU", 0)
         backend = backend_config.backend or ("nccl" if gpus > 0 else "gloo")
-        addr, port = worker_group.execute_single(0, get_address_and_port)
-        worker_group.execute(_set_torch_distributed_env_vars)
+        addr, port = worker_group.execute_single(0, ray_internals.address_and_port)
+        worker_group.execute(ray_internals.set_torch_env_vars)
         n = len(worker_group)
         ray.get([worker_group.execute_single_async(
             i, init_process_group, backend=backend, world_rank=i, world_size=n, addr=addr,

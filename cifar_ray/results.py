@@ -3,9 +3,11 @@
     python jobs/inspect_results.py s3://bucket/sweeps/lr-sweep --plots reports/
     python jobs/inspect_results.py ./results/smoke-sweep --json
 
-Sources, all under the experiment folder: trials/trial-<id>/{config,metrics} (our own per-run
-files), Tune's experiment_state-*.json (trial status), phase1/ and best.json. An experiment
-with errored or unfinished trials is shown with their status rather than failing.
+Sources, all under the experiment folder (layout: runs.py): trials/trial-<id>/{config,metrics}
+(our own per-run files), Tune's experiment_state-*.json (trial status), phase1/ and best.json.
+An experiment with errored or unfinished trials is shown with their status rather than
+failing. No Ray and no torch here: a table or JSON needs only pyarrow (and boto3 for s3://);
+the plots of the best checkpoint load torch when they are asked for.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from cifar_ray import data, storage, train
-from cifar_ray.config import TrainConfig, UserError
-from cifar_ray.tune import BEST, PHASE1, TRIALS
+from cifar_ray import data, runs, storage
+from cifar_ray.errors import UserError
+from cifar_ray.runs import BEST, PHASE1, TRIALS
 
 
 class NoExperimentError(UserError, ValueError):
@@ -64,12 +66,12 @@ def load(exp: str) -> dict:
     status = _tune_status(exp)
     trials_uri = storage.join(exp, TRIALS)
     trials = []
-    for name, (cfg, all_rows) in train.read_runs(trials_uri).items():
+    for name, (cfg, all_rows) in runs.read_runs(trials_uri).items():
         rows = [r for r in all_rows if r["phase"] == 2]
         trial_id = name.removeprefix("trial-")
         st = status.get(trial_id, "UNKNOWN")
         max_epochs = cfg.phase2.epochs if cfg else 0
-        best = max(rows, key=lambda r: r["val_acc"]) if rows else None
+        best = runs.best_epoch(rows)
         wall = sum(r["seconds"] for r in rows)
         gpus = cfg.workers if cfg and cfg.use_gpu else 0
         trials.append(Trial(
@@ -90,10 +92,9 @@ def load(exp: str) -> dict:
     scored = [t for t in trials if t.best_val_acc is not None]
     if scored:
         max(scored, key=lambda t: t.best_val_acc).is_best = True
-    best_uri = storage.join(exp, BEST)
     return {"experiment": storage.display(exp), "trials": trials,
-            "phase1": train.read_metrics(storage.join(exp, PHASE1)),
-            "best": json.loads(storage.read_bytes(best_uri)) if storage.exists(best_uri) else None}
+            "phase1": runs.read_metrics(storage.join(exp, PHASE1)),
+            "best": runs.read_json(storage.join(exp, BEST))}
 
 
 def table(info: dict) -> str:
@@ -111,7 +112,7 @@ def table(info: dict) -> str:
         b = info["best"]
         lines.append(f"* best: lr {b['lr']:.3g}, val acc {b['best_val_acc']:.4f} at phase-2 "
                      f"epoch {b['best_epoch'] + 1}; {b['evaluated_split']} accuracy "
-                     f"{b['test_acc']:.4f}; checkpoint {b['checkpoint']}")
+                     f"{b['evaluated_acc']:.4f}; checkpoint {b['best_checkpoint']}")
     else:
         lines.append("no best.json yet: the sweep has not finished")
     return "\n".join(lines)
@@ -184,9 +185,11 @@ def plots(exp: str, info: dict, out_dir: str, samples: int = 32) -> list[str]:
 def _best_plots(exp: str, best: dict, samples: int, plt, save) -> None:
     # Rebuilt from the experiment URI: best.json shows URIs without their ?query part.
     run = storage.join(exp, TRIALS, best["trial"])
-    ckpt = storage.join(run, os.path.basename(best["checkpoint"]))
-    cfg = TrainConfig.from_dict(json.loads(storage.read_bytes(storage.join(run, train.CONFIG))))
-    ev = train.evaluate_checkpoint(ckpt, cfg, best["evaluated_split"])
+    from cifar_ray.evaluate import evaluate_checkpoint  # torch: only for these two plots
+
+    ckpt = storage.join(run, os.path.basename(best["best_checkpoint"]))
+    cfg = runs.read_config(run)
+    ev = evaluate_checkpoint(ckpt, cfg, best["evaluated_split"])
     classes, y, p = ev["classes"], np.array(ev["labels"]), np.array(ev["predictions"])
     k = len(classes)
     cm = np.zeros((k, k), int)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from cifar_ray.config import UserError
+from cifar_ray.errors import UserError
 
 
 def is_remote(uri: str) -> bool:

@@ -8,15 +8,14 @@
 Phase 1 does not depend on the swept LR, so it runs once (<exp>/phase1/) and every trial's
 phase 2 starts from its last checkpoint. Each trial is a Tune function that builds and fits
 its own TorchTrainer (the Ray 2.60 pattern) named after the trial id, so a restored
-experiment resumes every interrupted trial from its own latest checkpoint. Experiment
-folder <storage>/<name>/: Tune's state, phase1/, trials/trial-<id>/ (a train run each:
-config.json, metrics.jsonl, checkpoints) and best.json, written last.
+experiment resumes every interrupted trial from its own latest checkpoint. The experiment
+folder's layout is runs.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import math
 
 import ray
@@ -24,14 +23,10 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from cifar_ray import data, storage, train
-from cifar_ray.config import DEFAULT_LRS, SweepConfig, TrainConfig, UserError
+from cifar_ray import cluster, ray_internals, runs, storage, train
+from cifar_ray.config import DEFAULT_LRS, SweepConfig, TrainConfig
 
-PHASE1, TRIALS, BEST = "phase1", "trials", "best.json"
-
-
-class ExperimentExistsError(UserError, RuntimeError):
-    """The experiment name is taken (and --resume was not given), or is missing on --resume."""
+log = logging.getLogger(__name__)
 
 
 class ASHA(ASHAScheduler):
@@ -45,13 +40,13 @@ class ASHA(ASHAScheduler):
     """
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        bracket = self._trial_info.get(trial.trial_id)
-        passed = [r for _, r in bracket._rungs if trial.trial_id in r] if bracket else []
+        passed = ray_internals.asha_rungs_with(self, trial.trial_id)
         action = super().on_trial_result(tune_controller, trial, result)
         if action == TrialScheduler.CONTINUE:
             for recorded in passed:
-                if recorded[trial.trial_id] < bracket.cutoff(recorded):
-                    self._num_stopped += 1
+                if recorded[trial.trial_id] < ray_internals.asha_cutoff(self, trial.trial_id,
+                                                                        recorded):
+                    ray_internals.asha_count_stop(self)
                     return TrialScheduler.STOP
         return action
 
@@ -70,14 +65,14 @@ def search_space(cfg: SweepConfig) -> tuple[dict, int]:
 def phase1_config(cfg: SweepConfig) -> TrainConfig:
     """The shared phase-1 run: the sweep's own recipe with no phase 2."""
     t = cfg.train
-    return dataclasses.replace(t, name=PHASE1, storage=t.run_uri(), overwrite=False,
+    return dataclasses.replace(t, name=runs.PHASE1, storage=t.run_uri(), overwrite=False,
                                phase2=dataclasses.replace(t.phase2, epochs=0, warmup_epochs=0))
 
 
 def phase1_checkpoint(cfg: SweepConfig) -> str:
     """Phase 1's last epoch: Ray keeps the latest checkpoint whatever its score."""
     return storage.join(phase1_config(cfg).run_uri(),
-                        f"checkpoint-p1-e{cfg.train.phase1.epochs - 1:03d}")
+                        runs.checkpoint_name(1, cfg.train.phase1.epochs - 1))
 
 
 def trial_config(base: TrainConfig, params: dict, trial_id: str, init: str) -> TrainConfig:
@@ -85,7 +80,7 @@ def trial_config(base: TrainConfig, params: dict, trial_id: str, init: str) -> T
                                  weight_decay=float(params.get("weight_decay",
                                                                base.phase2.weight_decay)))
     return dataclasses.replace(base, name=f"trial-{trial_id}",
-                               storage=storage.join(base.run_uri(), TRIALS), phase2=phase2,
+                               storage=storage.join(base.run_uri(), runs.TRIALS), phase2=phase2,
                                init_checkpoint=init, overwrite=False)
 
 
@@ -93,7 +88,7 @@ def run_trial(params: dict) -> None:
     """One trial (runs in a Tune actor): its own TorchTrainer, metrics forwarded to Tune."""
     base = TrainConfig.from_dict(params["base"])
     cfg = trial_config(base, params, tune.get_context().get_trial_id(), params["init"])
-    train.write_config(cfg)
+    runs.write_config(cfg)
     train.build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
 
 
@@ -102,70 +97,46 @@ def concurrency(cfg: SweepConfig) -> int:
     if cfg.max_concurrent_trials:
         return cfg.max_concurrent_trials
     have = ray.cluster_resources()
-    need = train.needed_resources(cfg.train)
+    need = cluster.needed_resources(cfg.train)
     return max(1, min(int(have.get(k, 0) // v) for k, v in need.items()))
 
 
-def check_experiment(cfg: SweepConfig) -> bool:
-    """True when resuming. A taken name without --resume, or --resume of nothing, is refused."""
-    exp = cfg.train.run_uri()
-    exists = storage.exists(exp) and any(
-        n.startswith("experiment_state") or n == PHASE1 for n in storage.list_dir(exp))
-    if exists and not cfg.resume:
-        raise ExperimentExistsError(
-            f"{storage.display(exp)} already holds an experiment; pass --resume to continue it "
-            "or choose another --name")
-    if cfg.resume and not exists:
-        raise ExperimentExistsError(f"--resume: no experiment at {storage.display(exp)}")
-    return exists
-
-
-def run_phase1(cfg: SweepConfig, manifest: dict, log=print) -> dict | None:
+def run_phase1(cfg: SweepConfig, manifest: dict) -> dict | None:
     """Phase 1 once per sweep (skipped when an earlier driver finished it, or not shared)."""
     if not cfg.share_phase1:
-        log(f"phase 1: not shared, {cfg.train.phase1.epochs} epochs in every trial")
+        log.info(f"phase 1: not shared, {cfg.train.phase1.epochs} epochs in every trial")
         return None
     p1 = phase1_config(cfg)
-    result_uri = storage.join(p1.run_uri(), train.RESULT)
-    if storage.exists(result_uri):
-        log(f"phase 1: already done at {storage.display(p1.run_uri())}")
-        return json.loads(storage.read_bytes(result_uri))
-    log(f"phase 1: {p1.phase1.epochs} epochs, once for the whole sweep")
-    return train.run_and_evaluate(p1, manifest, log)
+    done = runs.read_json(storage.join(p1.run_uri(), runs.RESULT))
+    if done is not None:
+        log.info(f"phase 1: already done at {storage.display(p1.run_uri())}")
+        return done
+    log.info(f"phase 1: {p1.phase1.epochs} epochs, once for the whole sweep")
+    return train.run_and_evaluate(p1, manifest)
 
 
-def sweep(cfg: SweepConfig, log=print) -> dict:
+def sweep(cfg: SweepConfig) -> dict:
     """Run (or resume) the sweep end to end; returns best.json's contents."""
     cfg = cfg.with_smoke()
-    if cfg.train.smoke:
-        train.ensure_smoke_data(cfg.train, log)
-    t = dataclasses.replace(cfg.train, data=storage.normalize(cfg.train.data),
-                            storage=storage.normalize(cfg.train.storage))
+    t, manifest = train.preflight(cfg.train)
     cfg = dataclasses.replace(cfg, train=t)
-    manifest = data.read_manifest(t.dataset_uri())
     phase1_config(cfg)  # derived configs validate here, before Ray starts
-    storage.check_writable(t.storage)
-    resuming = check_experiment(cfg)
-    started_here = train.init_ray(log)
-    try:
-        # "More workers per trial than the cluster can ever hold" fails here, not in a trial.
-        train.wait_for_resources(t, t.resource_timeout_s, log)
-        return _sweep(cfg, manifest, resuming, log)
-    finally:
-        if started_here:
-            ray.shutdown()
+    resuming = runs.check_experiment(cfg)
+    # One trial's workers must fit: "more than the cluster can ever hold" fails here.
+    with cluster.session(t):
+        return _sweep(cfg, manifest, resuming)
 
 
-def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool, log) -> dict:
+def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool) -> dict:
     t = cfg.train
     exp = t.run_uri()
-    p1 = run_phase1(cfg, manifest, log)
+    p1 = run_phase1(cfg, manifest)
     space, samples = search_space(cfg)
     n_trials = samples * math.prod(len(v["grid_search"]) for v in space.values()
                                    if isinstance(v, dict) and "grid_search" in v)
     saved = t.phase1.epochs * (n_trials - 1) if cfg.share_phase1 else 0
     if cfg.share_phase1:
-        log(f"phase 1 shared by {n_trials} trials: {saved} phase-1 epochs not run")
+        log.info(f"phase 1 shared by {n_trials} trials: {saved} phase-1 epochs not run")
     # Trials report every epoch they run; unshared, phase 1's come first and count too.
     offset = 0 if cfg.share_phase1 else t.phase1.epochs
     # A trial only drives its TorchTrainer, whose workers reserve the CPUs/GPUs. Tune refuses
@@ -174,7 +145,7 @@ def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool, log) -> dict:
     storage_path, storage_fs = storage.for_ray(t.storage)
     exp_path = storage.for_ray(exp)[0]
     if resuming and tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
-        log(f"resuming experiment {storage.display(exp)}")
+        log.info(f"resuming experiment {storage.display(exp)}")
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, storage_filesystem=storage_fs)
     else:
@@ -192,35 +163,31 @@ def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool, log) -> dict:
             run_config=tune.RunConfig(name=t.name, storage_path=storage_path,
                                       storage_filesystem=storage_fs))
     grid = tuner.fit()
-    best = _best(cfg, grid, log)
+    best = best_trial(cfg, manifest, grid.num_errors)
     best.update({"phase1": {"epochs": t.phase1.epochs, "shared": cfg.share_phase1,
                             "val_acc": p1["best_val_acc"] if p1 else None},
                  "trials": n_trials, "phase1_epochs_saved": saved,
                  "scheduler": cfg.scheduler})
-    storage.write_bytes(storage.join(exp, BEST), json.dumps(best, indent=2).encode())
-    log(f"best trial: lr {best['lr']:.3g}, val acc {best['best_val_acc']:.4f} at phase-2 "
-        f"epoch {best['best_epoch'] + 1}; {best['evaluated_split']} accuracy "
-        f"{best['test_acc']:.4f} ({storage.display(storage.join(exp, BEST))})")
+    best_uri = storage.join(exp, runs.BEST)
+    runs.write_json(best_uri, best)
+    log.info(f"best trial {best['trial']}: lr {best['lr']:.3g}; {runs.describe(best)} "
+             f"({storage.display(best_uri)})")
     return best
 
 
-def _best(cfg: SweepConfig, grid, log) -> dict:
-    """The trial with the best phase-2 val accuracy; its best checkpoint evaluated once."""
-    trials = storage.join(cfg.train.run_uri(), TRIALS)
+def best_trial(cfg: SweepConfig, manifest: dict, errors: int) -> dict:
+    """The trial with the best phase-2 val accuracy; its best checkpoint scored once."""
+    trials = storage.join(cfg.train.run_uri(), runs.TRIALS)
     best = None
-    for tc, rows in train.read_runs(trials).values():
-        for r in rows:
-            if r["phase"] == 2 and (best is None or r["val_acc"] > best[0]["val_acc"]):
-                best = (r, tc)
+    for tc, rows in runs.read_runs(trials).values():
+        row = runs.best_epoch(rows, phase=2)
+        if tc is not None and row is not None and (best is None
+                                                   or row["val_acc"] > best[2]["val_acc"]):
+            best = (tc, rows, row)
     if best is None:
         raise RuntimeError(f"{storage.display(trials)}: no trial reported a phase-2 epoch; "
-                           f"see the trial errors above ({grid.num_errors} errored)")
-    row, tc = best
-    ckpt = storage.join(tc.run_uri(), f"checkpoint-p2-e{row['epoch']:03d}")
-    manifest = data.read_manifest(tc.dataset_uri())
-    split = "test" if "test" in manifest["splits"] else "val"
-    ev = train.evaluate_remote(ckpt, tc, split)
-    return {"trial": tc.name, "lr": tc.phase2.lr, "weight_decay": tc.phase2.weight_decay,
-            "best_val_acc": row["val_acc"], "best_epoch": row["epoch"],
-            "checkpoint": storage.display(ckpt), "evaluated_split": split,
-            "test_acc": ev["accuracy"], "test_loss": ev["loss"]}
+                           f"see the trial errors above ({errors} errored)")
+    tc, rows, _ = best
+    return {"trial": tc.name, "run": storage.display(tc.run_uri()), "lr": tc.phase2.lr,
+            "weight_decay": tc.phase2.weight_decay,
+            **train.score_best(tc.run_uri(), tc, manifest, rows, phase=2)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import platform
 import statistics
@@ -29,30 +30,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, withou
 
 import torch  # noqa: E402
 
-from cifar_ray import data, engine, recipe, train  # noqa: E402
+from cifar_ray import cluster, data, engine, recipe, runs, train  # noqa: E402
 from cifar_ray import model as M
 from cifar_ray.config import PhaseConfig, PrepareConfig, TrainConfig  # noqa: E402
 
 
-def _data(cfg: TrainConfig, device="cpu") -> recipe.Data:
+def _data(cfg: TrainConfig, device="cpu") -> recipe.DeviceSplits:
     tr = data.load_split(cfg.dataset_uri(), "train")
     va = data.load_split(cfg.dataset_uri(), "val")
-    return recipe.Data(engine.to_tensor(tr.images, device), torch.from_numpy(tr.labels),
+    return recipe.DeviceSplits(engine.to_tensor(tr.images, device), torch.from_numpy(tr.labels),
                        engine.to_tensor(va.images, device), torch.from_numpy(va.labels))
 
 
-def bare_phase2(cfg: TrainConfig, d: recipe.Data) -> list[float]:
+def bare_phase2(cfg: TrainConfig, d: recipe.DeviceSplits) -> list[float]:
     """Images/s of each phase-2 epoch in a plain process (no Ray at all)."""
     hist = recipe.run_phases(cfg, M.build("none", seed=cfg.seed), d, recipe.Runtime(),
-                             report=lambda m, s: None, log=lambda _: None)
+                             report=lambda m, s: None)
     return [h["images_per_s"] for h in hist]
 
 
-def bare_phase2_beside_idle_ray(cfg: TrainConfig, d: recipe.Data) -> list[float]:
+def bare_phase2_beside_idle_ray(cfg: TrainConfig, d: recipe.DeviceSplits) -> list[float]:
     """The bare loop again while a local Ray instance idles: what Ray's daemons alone cost."""
     import ray
 
-    ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+    cluster.start_local_ray()
     try:
         return bare_phase2(cfg, d)
     finally:
@@ -61,9 +62,8 @@ def bare_phase2_beside_idle_ray(cfg: TrainConfig, d: recipe.Data) -> list[float]
 
 def ray_phase2(cfg: TrainConfig) -> list[float]:
     """Images/s of each phase-2 epoch through TorchTrainer (read from metrics.jsonl)."""
-    train.fit(cfg, log=lambda _: None)
-    rows = (Path(cfg.run_uri()) / train.METRICS).read_text().splitlines()
-    return [json.loads(r)["images_per_s"] for r in rows]
+    train.fit(cfg)
+    return [r["images_per_s"] for r in runs.read_metrics(cfg.run_uri())]
 
 
 def pipeline(cfg: TrainConfig, batch: int) -> dict:
@@ -82,12 +82,13 @@ def pipeline(cfg: TrainConfig, batch: int) -> dict:
             "images_per_s": n / (read_s + aug_s)}
 
 
-def phase_epoch_seconds(cfg: TrainConfig, d: recipe.Data, cache: bool, epochs: int) -> dict:
+def phase_epoch_seconds(cfg: TrainConfig, d: recipe.DeviceSplits, cache: bool,
+                        epochs: int) -> dict:
     """Per-epoch seconds of phase 1 (first epoch includes feature extraction) and phase 2."""
     c = dataclasses.replace(cfg, cache_features=cache,
                             phase1=dataclasses.replace(cfg.phase1, epochs=epochs))
     hist = recipe.run_phases(c, M.build("none", seed=c.seed), d, recipe.Runtime(),
-                             report=lambda m, s: None, log=lambda _: None)
+                             report=lambda m, s: None)
     p1 = [h["seconds"] for h in hist if h["phase"] == 1]
     p2 = [h["seconds"] for h in hist if h["phase"] == 2]
     return {"phase1_epoch_s": p1, "phase2_epoch_s": p2,
@@ -105,10 +106,11 @@ def main() -> int:
     ap.add_argument("--out", default="results/benchmark.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    logging.getLogger("cifar_ray").setLevel("WARNING")  # the table is the output
     work = tempfile.mkdtemp(prefix="cifar-ray-bench-")
     data.prepare(PrepareConfig(source="folder", source_uri=args.source_uri, data=work,
                                dataset="bench", val_size=args.per_class,
-                               max_per_class=args.per_class), log=lambda _: None)
+                               max_per_class=args.per_class))
     phase = dict(batch_size=args.batch_size, lr=1e-3)
     cfg = TrainConfig(data=work, dataset="bench", storage=os.path.join(work, "runs"),
                       name="bench", workers=1, cpus_per_worker=args.threads, weights="none",

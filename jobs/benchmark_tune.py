@@ -26,18 +26,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo, without an install
 
-from cifar_ray import data, storage, train, tune  # noqa: E402
+from cifar_ray import data, runs, storage  # noqa: E402
 from cifar_ray.config import PrepareConfig  # noqa: E402
 
 
 def compute(exp: str, shared: bool) -> dict:
     """Epochs that actually ran, read back from storage. A shared-phase-1 trial's history
     starts with copies of the phase-1 rows it was restored from: those are not counted."""
-    p1 = train.read_metrics(storage.join(exp, tune.PHASE1))
-    trials = storage.join(exp, tune.TRIALS)
+    p1 = runs.read_metrics(storage.join(exp, runs.PHASE1))
+    trials = storage.join(exp, runs.TRIALS)
     ran = list(p1)
     per_trial = {}
-    for name, (_, history) in train.read_runs(trials).items():
+    for name, (_, history) in runs.read_runs(trials).items():
         rows = [r for r in history if r["phase"] == 2 or not shared]
         ran += rows
         per_trial[name] = sum(r["phase"] == 2 for r in rows)
@@ -55,9 +55,9 @@ def run_sweep(name: str, common: list[str], extra: list[str], exp: str, shared: 
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         sys.exit(f"{name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    best = json.loads(storage.read_bytes(storage.join(exp, tune.BEST)))
+    best = runs.read_json(storage.join(exp, runs.BEST))
     return {"wall_s": wall, **compute(exp, shared), "best_lr": best["lr"],
-            "best_val_acc": best["best_val_acc"], "test_acc": best["test_acc"]}
+            "best_val_acc": best["best_val_acc"], "evaluated_acc": best["evaluated_acc"]}
 
 
 def main() -> int:
@@ -89,7 +89,7 @@ def main() -> int:
     work = args.work or tempfile.mkdtemp(prefix="cifar-ray-bench-tune-")
     data.prepare(PrepareConfig(source="folder", source_uri=args.source_uri, data=work,
                                dataset="bench", val_size=args.val_size,
-                               max_per_class=args.per_class), log=lambda _: None)
+                               max_per_class=args.per_class))
     sweeps = os.path.join(work, "sweeps")
     common = ["--data", work, "--dataset", "bench", "--storage", sweeps, "--weights", "none",
               "--workers", "1", "--cpus-per-worker", "1",

@@ -163,7 +163,7 @@ def s3_data(s3_server):
     boto3.client("s3").create_bucket(Bucket="cifar-ray-datasets")
     root = "s3://cifar-ray-datasets/datasets"
     data.prepare(PrepareConfig(source="synthetic", data=root, dataset="tiny", val_size=64,
-                               synthetic_size=320), log=lambda _: None)
+                               synthetic_size=320))
     return root
 
 
@@ -173,9 +173,9 @@ def ray_local(s3_server):
     token auth as Ray sets it); 2 CPUs whatever the machine has."""
     import ray
 
-    from cifar_ray import train
+    from cifar_ray import cluster
 
-    train.start_local_ray(num_cpus=2, log_to_driver=True)
+    cluster.start_local_ray(num_cpus=2, log_to_driver=True)
     try:
         yield ray
     finally:

@@ -13,9 +13,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
 
-from cifar_ray import train
+from cifar_ray import cluster, ray_internals
+from cifar_ray.ray_internals import prepare_autoscaler_config, validate_autoscaler_config
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = (REPO / "cluster.yaml").read_text()
@@ -23,8 +23,8 @@ TEXT = (REPO / "cluster.yaml").read_text()
 
 def _prepared(raw: dict) -> dict:
     """What `ray up` does before it launches anything (as Ray's own tests validate)."""
-    cfg = prepare_config(copy.deepcopy(raw))
-    validate_config(cfg)
+    cfg = prepare_autoscaler_config(copy.deepcopy(raw))
+    validate_autoscaler_config(cfg)
     return cfg
 
 
@@ -55,7 +55,7 @@ def test_cluster_yaml_passes_rays_validator_with_the_intended_shape(raw):
         assert re.search(rf'"{pkg}(\[[^]]*\])?=={re.escape(importlib.metadata.version(pkg))}"',
                          setup), pkg
     # The autoscaler's largest cluster, as wait_for_resources reads it on a `ray up` head.
-    assert train.autoscaler_max_resources(cfg) == {"CPU": 128.0, "GPU": 16.0}
+    assert cluster.autoscaler_max_resources(cfg) == {"CPU": 128.0, "GPU": 16.0}
 
 
 def test_cluster_yaml_keeps_the_jobs_api_on_localhost_behind_a_token(raw):
@@ -92,3 +92,10 @@ def test_a_head_node_type_that_does_not_exist_is_refused(raw):
     raw["head_node_type"] = "nope"
     with pytest.raises(ValueError, match="head_node_type"):
         _prepared(raw)
+
+
+def test_a_private_ray_name_that_has_gone_says_what_to_update():
+    with pytest.raises(ray_internals.RayInternalsError,
+                       match=r"no ray\._private\.ray_constants\.GONE .*ray_internals\.py was "
+                             r"written for Ray 2\.60: update it"):
+        ray_internals._private("ray._private.ray_constants", "GONE")

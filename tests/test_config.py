@@ -71,3 +71,29 @@ def test_bad_flag_exits_2_with_one_line_before_ray(tmp_path):
     assert "--phase2-lr: 0.0; must be > 0" in out.stderr
     assert "Traceback" not in out.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_tune_refuses_the_flag_the_sweep_sets(capsys):
+    from cifar_ray.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["tune", "--phase2-lr", "1e-3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--phase2-lr" in err and "--lrs" in err and "usage" not in err
+    # The sweep still gets the recipe's phase-2 defaults when the flag is not given.
+    ns = parser().parse_args(["tune", "--lrs", "1e-4", "3e-4"])
+    from cifar_ray.config import SweepConfig
+
+    assert SweepConfig.from_args(ns).train.phase2.lr == TrainConfig().phase2.lr
+
+
+def test_log_level_flag_quiets_our_lines(tmp_path, capsys):
+    from cifar_ray.cli import main
+
+    args = ["prepare-data", "--source", "synthetic", "--synthetic-size", "40", "--val-size",
+            "10", "--data", str(tmp_path)]
+    assert main(args + ["--log-level", "WARNING"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(args) == 0  # INFO: says what it did (here: nothing, already prepared)
+    assert "already prepared" in capsys.readouterr().err

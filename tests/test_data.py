@@ -48,7 +48,7 @@ def test_archive_round_trips_exactly(tmp_path):
     path, expected = _archive(tmp_path)
     cfg = PrepareConfig(source="archive", source_uri=str(path), data=str(tmp_path / "d"),
                         val_size=20, shard_size=16)
-    manifest = data.prepare(cfg, log=lambda _: None)
+    manifest = data.prepare(cfg)
     assert manifest["classes"] == CLASSES
     assert {k: v["count"] for k, v in manifest["splits"].items()} == {
         "train": 60, "val": 20, "test": 40}
@@ -61,19 +61,20 @@ def test_archive_round_trips_exactly(tmp_path):
     assert len(manifest["splits"]["train"]["shards"]) == 4  # 60 rows at 16 per shard
 
 
-def test_rerun_is_a_no_op_and_a_different_rerun_is_refused(tmp_path):
+def test_rerun_is_a_no_op_and_a_different_rerun_is_refused(tmp_path, caplog):
     path, _ = _archive(tmp_path)
     cfg = PrepareConfig(source="archive", source_uri=str(path), data=str(tmp_path / "d"),
                         val_size=20)
-    data.prepare(cfg, log=lambda _: None)
+    data.prepare(cfg)
     manifest_file = tmp_path / "d" / "cifar10" / "manifest.json"
     stamp = manifest_file.stat().st_mtime_ns
-    lines = []
-    data.prepare(cfg, log=lines.append)
-    assert "nothing to do" in lines[-1] and manifest_file.stat().st_mtime_ns == stamp
+    with caplog.at_level("INFO", logger="cifar_ray"):
+        data.prepare(cfg)
+    assert "nothing to do" in caplog.records[-1].getMessage()
+    assert manifest_file.stat().st_mtime_ns == stamp
     with pytest.raises(data.DataError, match="refusing to overwrite"):
         data.prepare(PrepareConfig(source="archive", source_uri=str(path),
-                                   data=str(tmp_path / "d"), val_size=10), log=lambda _: None)
+                                   data=str(tmp_path / "d"), val_size=10))
     assert manifest_file.stat().st_mtime_ns == stamp
 
 
@@ -82,7 +83,7 @@ def test_archive_label_out_of_range_names_the_batch(tmp_path):
     path, _ = _archive(tmp_path, labels_override=labels)
     with pytest.raises(data.DataError, match=r"data_batch_1: label 10 at index 39 is out of range"):
         data.prepare(PrepareConfig(source="archive", source_uri=str(path),
-                                   data=str(tmp_path / "d"), val_size=10), log=lambda _: None)
+                                   data=str(tmp_path / "d"), val_size=10))
 
 
 def test_archive_with_a_pickle_payload_is_refused(tmp_path):
@@ -116,7 +117,7 @@ def test_image_folder_with_splits_round_trips_exactly(tmp_path):
                 expected.setdefault(split, []).append((px, ci))
     cfg = PrepareConfig(source="folder", source_uri=str(tmp_path / "imgs"),
                         data=str(tmp_path / "d"), val_size=3)
-    manifest = data.prepare(cfg, log=lambda _: None)
+    manifest = data.prepare(cfg)
     assert manifest["classes"] == ["cat", "dog", "ship"]
     root = tmp_path / "d" / "cifar10"
     tr, va, te = (_all(root, s) for s in ("train", "val", "test"))
@@ -136,7 +137,7 @@ def test_real_cifar_jpeg_slice_from_the_shared_tar(tmp_path):
     tar = write_tar(tmp_path / "slice.tar.gz", members)
     cfg = PrepareConfig(source="folder", source_uri=str(tar), data=str(tmp_path / "d"),
                         val_size=50)
-    manifest = data.prepare(cfg, log=lambda _: None)
+    manifest = data.prepare(cfg)
     assert manifest["classes"] == ["airplane", "automobile", "bird", "cat", "deer", "dog",
                                    "frog", "horse", "ship", "truck"]
     assert manifest["splits"]["val"]["class_counts"] == [5] * 10
@@ -168,13 +169,13 @@ def test_class_missing_from_a_split_is_named(tmp_path):
             f.write_bytes(_png(np.zeros((32, 32, 3), np.uint8)))
     with pytest.raises(data.DataError, match="split test: class 'dog' has no images"):
         data.prepare(PrepareConfig(source="folder", source_uri=str(tmp_path / "imgs"),
-                                   data=str(tmp_path / "d"), val_size=0), log=lambda _: None)
+                                   data=str(tmp_path / "d"), val_size=0))
 
 
 def test_torchvision_offline_names_the_other_sources(tmp_path):
     with pytest.raises(data.DataError, match="--source archive .* or --source folder"):
         data.prepare(PrepareConfig(source="torchvision", source_uri=str(tmp_path / "cache"),
-                                   data=str(tmp_path / "d")), log=lambda _: None)
+                                   data=str(tmp_path / "d")))
     assert not (tmp_path / "d" / "cifar10" / "manifest.json").exists()
 
 
@@ -186,7 +187,7 @@ def test_missing_dataset_is_named(tmp_path):
 def test_worker_slices_are_disjoint_and_cover_the_split(tmp_path):
     cfg = PrepareConfig(source="synthetic", data=str(tmp_path), dataset="syn", val_size=20,
                         synthetic_size=103, shard_size=7)
-    data.prepare(cfg, log=lambda _: None)
+    data.prepare(cfg)
     root = str(tmp_path / "syn")
     full = data.load_split(root, "train")
     for world in (1, 2, 3):

@@ -4,8 +4,10 @@
 
 A real Ray head is started with `ray start --head --block` on 127.0.0.1, dashboard on and token
 authentication on (a token made for this test, never the user's ~/.ray/auth_token). Jobs are
-submitted with the `ray job submit` CLI and the repository as working directory, exactly as
-README shows; storage is the S3-protocol server. The head's PATH starts with this venv's bin,
+submitted with the `ray job submit` CLI and a checkout as working directory, exactly as
+README shows: the repository's tracked files plus what a user's checkout often holds beside
+them (virtual environments, data, results), which .rayignore must keep from travelling;
+storage is the S3-protocol server. The head's PATH starts with this venv's bin,
 as a cluster's image would provide `python`. Teardown ends the `ray start` process and checks
 that every process it started is gone; nothing else is touched (no `ray stop`).
 """
@@ -29,7 +31,7 @@ import pytest
 from conftest import FAKE_KEY_ID, FAKE_SECRET, descendants, free_port, listeners, wait_until
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from cifar_ray import storage, tune
+from cifar_ray import runs, storage
 from cifar_ray.cli import main as cli
 
 pytestmark = pytest.mark.ray
@@ -54,9 +56,9 @@ class Head:
         return subprocess.run([RAY, *args], env=env, capture_output=True, text=True,
                               timeout=timeout, cwd=REPO)
 
-    def submit(self, *entrypoint: str) -> str:
-        done = self.cli("job", "submit", "--address", self.address, "--working-dir", str(REPO),
-                        "--no-wait", "--", *entrypoint)
+    def submit(self, workdir: Path, *entrypoint: str) -> str:
+        done = self.cli("job", "submit", "--address", self.address, "--working-dir",
+                        str(workdir), "--no-wait", "--", *entrypoint)
         assert done.returncode == 0, done.stdout + done.stderr
         ids = [w.strip("'") for line in (done.stdout + done.stderr).splitlines()
                for w in line.split() if w.strip("'").startswith("raysubmit_")]
@@ -70,6 +72,31 @@ class Head:
             return st if st in (JobStatus.SUCCEEDED, JobStatus.FAILED,
                                 JobStatus.STOPPED) else None
         return wait_until(finished, timeout, f"job {job_id} to finish", interval=2)
+
+
+# What user checkouts hold beside the code: virtual environments under their usual names,
+# data, results. None of it may travel with a job.
+PLANTED = (".venv", "venv", ".venv-py312", "env", "myvenv", "data", "results", "reports")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A checkout as a user has it: the repository's tracked files (what a fresh clone holds,
+    whatever else this checkout has lying around) plus PLANTED folders. env/ holds 101 MiB of
+    incompressible bytes: more than the jobs API accepts (413), had it travelled."""
+    root = tmp_path_factory.mktemp("checkout")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    for name in tracked:
+        if name and (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    for d in PLANTED:
+        (root / d).mkdir()
+        (root / d / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (root / "env" / "blob.bin").write_bytes(os.urandom(101 * 2**20))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +168,9 @@ def _all_objects(bucket: str) -> dict[str, bytes]:
             for p in pages for o in p.get("Contents", [])}
 
 
-def test_smoke_sweep_submitted_through_the_jobs_api_lands_in_s3(head, bucket, capsys):
-    job = head.submit("python", "jobs/tune.py", "--smoke", "--data", f"s3://{bucket}/datasets",
+def test_smoke_sweep_submitted_through_the_jobs_api_lands_in_s3(head, workdir, bucket, capsys):
+    job = head.submit(workdir, "python", "jobs/tune.py", "--smoke",
+                      "--data", f"s3://{bucket}/datasets",
                       "--storage", f"s3://{bucket}/sweeps/team-a", "--name", "e2e")
     seen: set[tuple[str, int, int]] = set()
     status = head.wait(job, 1200, on_poll=lambda: seen.update(listeners(
@@ -158,18 +186,18 @@ def test_smoke_sweep_submitted_through_the_jobs_api_lands_in_s3(head, bucket, ca
     outside = sorted(k for k in objects if not k.startswith(("datasets/", "sweeps/team-a/")))
     assert not outside, outside
     exp = f"s3://{bucket}/sweeps/team-a/e2e"
-    best = json.loads(storage.read_bytes(storage.join(exp, tune.BEST)))
-    assert best["trials"] == 3 and 0 <= best["test_acc"] <= 1
+    best = json.loads(storage.read_bytes(storage.join(exp, runs.BEST)))
+    assert best["trials"] == 3 and 0 <= best["evaluated_acc"] <= 1
     assert any(k.startswith("sweeps/team-a/e2e/experiment_state") for k in objects)
 
-    # The working directory that travelled is the repository minus .gitignore: no venv,
-    # results, data or git history, and small.
+    # The working directory that travelled is the checkout minus .gitignore and .rayignore:
+    # no virtual environment, results or data, and small.
     pkgs = [p for p in Path(head.temp_dir).glob(
         "session_2*/runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
     assert len(pkgs) == 1, pkgs
     shipped = {p.relative_to(pkgs[0]).parts[0] for p in pkgs[0].rglob("*")}
     assert {"cifar_ray", "jobs", "tests"} <= shipped
-    assert not shipped & {".venv", "results", "data", ".git", "reports"}, shipped
+    assert not shipped & set(PLANTED), shipped
     assert sum(p.stat().st_size for p in pkgs[0].rglob("*") if p.is_file()) < 2_000_000
 
     # inspect, from "a laptop": this process, reading the bucket only.
@@ -199,8 +227,8 @@ def test_smoke_sweep_submitted_through_the_jobs_api_lands_in_s3(head, bucket, ca
     assert not public, f"listening beyond loopback (ip, port, pid, process): {public}"
 
 
-def test_use_gpu_on_a_cluster_without_gpus_fails_at_once(head, s3_data, bucket):
-    job = head.submit("python", "jobs/train.py", "--data", s3_data, "--dataset", "tiny",
+def test_use_gpu_on_a_cluster_without_gpus_fails_at_once(head, workdir, s3_data, bucket):
+    job = head.submit(workdir, "python", "jobs/train.py", "--data", s3_data, "--dataset", "tiny",
                       "--storage", f"s3://{bucket}/runs", "--name", "gpu", "--workers", "2",
                       "--use-gpu", "--weights", "none", "--resource-timeout-s", "3600")
     assert head.wait(job, 600) == JobStatus.FAILED
@@ -209,10 +237,10 @@ def test_use_gpu_on_a_cluster_without_gpus_fails_at_once(head, s3_data, bucket):
     assert "drop --use-gpu" in logs
 
 
-def test_jobs_api_refuses_requests_without_the_token(head):
+def test_jobs_api_refuses_requests_without_the_token(head, workdir):
     before = {j.submission_id for j in head.client.list_jobs()}
     # The CLI without a token: refused, nothing submitted.
-    done = head.cli("job", "submit", "--address", head.address, "--working-dir", str(REPO),
+    done = head.cli("job", "submit", "--address", head.address, "--working-dir", str(workdir),
                     "--", "python", "-c", "print('should never run')", token=False)
     assert done.returncode != 0
     assert "Authentication" in done.stdout + done.stderr or "401" in done.stdout + done.stderr

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from cifar_ray.config import PhaseConfig, TrainConfig
 @pytest.fixture(scope="module")
 def tiny():
     tr, va = data.synthetic(192, 0), data.synthetic(64, 1)
-    return recipe.Data(engine.to_tensor(tr.images), torch.from_numpy(tr.labels),
+    return recipe.DeviceSplits(engine.to_tensor(tr.images), torch.from_numpy(tr.labels),
                        engine.to_tensor(va.images), torch.from_numpy(va.labels))
 
 
@@ -26,17 +27,19 @@ def _cfg(**kw):
 
 
 def _run(cfg, d, resume=None):
-    states, lines = [], []
+    states = []
     m = M.build("none", seed=cfg.seed)
     # deepcopy: a state holds live tensors; train.py serialises it before training goes on.
     hist = recipe.run_phases(cfg, m, d, recipe.Runtime(),
                              lambda met, st: states.append(copy.deepcopy(st())),
-                             resume=resume, log=lines.append)
-    return m, hist, states, lines
+                             resume=resume)
+    return m, hist, states
 
 
-def test_two_phases_report_every_epoch(tiny):
-    m, hist, states, lines = _run(_cfg(), tiny)
+def test_two_phases_report_every_epoch(tiny, caplog):
+    with caplog.at_level("INFO", logger="cifar_ray"):
+        m, hist, states = _run(_cfg(), tiny)
+    lines = [r.getMessage() for r in caplog.records]
     assert [(h["phase"], h["epoch"]) for h in hist] == [(1, 0), (1, 1), (2, 0)]
     assert [h["feature_cache"] for h in hist] == [True, True, False]
     assert all(0 <= h["val_acc"] <= 1 and h["images_per_s"] > 0 for h in hist)
@@ -50,7 +53,7 @@ def test_feature_cache_trains_the_same_head(tiny):
     cfg = _cfg(phase2=PhaseConfig(epochs=0))
     heads = []
     for cache in (True, False):
-        m, hist, _, _ = _run(dataclasses.replace(cfg, cache_features=cache), tiny)
+        m, hist, _ = _run(dataclasses.replace(cfg, cache_features=cache), tiny)
         assert [h["feature_cache"] for h in hist] == [cache, cache]
         heads.append(m.head.state_dict())
     for k in heads[0]:
@@ -59,8 +62,8 @@ def test_feature_cache_trains_the_same_head(tiny):
 
 def test_resume_continues_after_the_checkpointed_epoch(tiny):
     cfg = _cfg()
-    _, full, states, _ = _run(cfg, tiny)
-    m, hist, new_states, _ = _run(cfg, tiny, resume=states[1])  # after phase 1 epoch 1
+    _, full, states = _run(cfg, tiny)
+    m, hist, new_states = _run(cfg, tiny, resume=states[1])  # after phase 1 epoch 1
     assert [(h["phase"], h["epoch"]) for h in hist] == [(1, 0), (1, 1), (2, 0)]
     assert hist[2]["restored_from"] == {"phase": 1, "epoch": 1}
     assert [(s["phase"], s["epoch"]) for s in new_states] == [(2, 0)]  # phase 1 not redone
@@ -71,3 +74,16 @@ def test_resume_continues_after_the_checkpointed_epoch(tiny):
 def test_batch_larger_than_the_data_is_named(tiny):
     with pytest.raises(ValueError, match="--phase1-batch-size 512"):
         _run(_cfg(phase1=PhaseConfig(epochs=1, batch_size=512)), tiny)
+
+
+def test_each_epoch_records_the_lr_it_trained_with(tiny):
+    # Phase 1: 3 steps per epoch, cosine from 1e-3 to 0 over its 6 steps, no warmup. Epoch 1
+    # trains at steps 0-2, epoch 2 at steps 3-5, so the last epoch ends at a small non-zero
+    # LR: the schedule reaches 0 only after the last step, at which no batch trains.
+    _, hist, _ = _run(_cfg(), tiny)
+    p1 = [h for h in hist if h["phase"] == 1]
+    assert "lr" not in p1[0]
+    assert p1[0]["lr_start"] == 1e-3 and p1[0]["lr_end"] == pytest.approx(0.75e-3)
+    assert p1[1]["lr_start"] == pytest.approx(0.5e-3)
+    assert p1[1]["lr_end"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert all(0 < h["lr_end"] <= h["lr_start"] for h in hist)

@@ -47,7 +47,7 @@ def test_unsupported_scheme_is_named():
 def test_dataset_prepared_on_s3_reads_back(bucket):
     cfg = PrepareConfig(source="synthetic", data=f"s3://{bucket}/datasets", dataset="syn",
                         val_size=20, synthetic_size=100, shard_size=30)
-    data.prepare(cfg, log=lambda _: None)
+    data.prepare(cfg)
     root = f"s3://{bucket}/datasets/syn"
     assert storage.list_dir(root) == ["manifest.json", "test", "train", "val"]
     tr = data.load_split(root, "train", rank=1, world=2, equal=True)

@@ -21,7 +21,7 @@ import ray.train
 import yaml
 from conftest import FAKE_KEY_ID, FAKE_SECRET, descendants, listeners, wait_until
 
-from cifar_ray import data, storage, train
+from cifar_ray import cluster, data, ray_internals, runs, storage, train
 from cifar_ray.config import PhaseConfig, TrainConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
@@ -45,7 +45,7 @@ def _cfg(data_root: str, storage_root: str, name: str, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket):
+def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket, capfd):
     cfg = _cfg(s3_data, f"s3://{bucket}/runs", "r1")
     # Sample every listening socket of our processes while the 2 gloo workers train.
     seen, done = set(), threading.Event()
@@ -58,7 +58,7 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        summary = train.fit(cfg, log=lambda _: None)
+        summary = train.fit(cfg)
     finally:
         done.set()
         sampler.join()
@@ -87,9 +87,23 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         assert FAKE_SECRET.encode() not in body and FAKE_KEY_ID.encode() not in body, key
 
+    # What a person sees: our per-epoch lines once (rank 0), and none of Ray Train's per-report
+    # INFO lines nor the preemption watcher's spurious ERROR (Ray forwards worker output
+    # asynchronously: wait for rank 0's last line, which follows its reports).
+    seen_out = []
+
+    def forwarded() -> bool:
+        seen_out.append(capfd.readouterr())
+        return "final weights:" in "".join(c.out + c.err for c in seen_out)
+
+    wait_until(forwarded, 120, "the workers' last log line")
+    text = "".join(c.out + c.err for c in seen_out)
+    assert text.count("[phase 2 epoch 1/1 | 2/2]") == 1, text[-3000:]
+    assert "Reporting training result" not in text and "PreemptionWatcher" not in text
+
     # Running the finished name again is refused, and nothing stored changes.
-    with pytest.raises(train.RunExistsError, match="finished run"):
-        train.fit(cfg, log=lambda _: None)
+    with pytest.raises(runs.RunExistsError, match="finished run"):
+        train.fit(cfg)
     assert _keys(bucket, "runs/r1/") == keys
 
 
@@ -111,7 +125,7 @@ def _fit_in_thread(cfg):
 
     def target():
         try:
-            out["summary"] = train.fit(cfg, log=lambda _: None)
+            out["summary"] = train.fit(cfg)
         except BaseException as e:  # the test inspects it
             out["error"] = e
 
@@ -164,19 +178,19 @@ def test_failed_run_resumes_by_name_and_refuses_a_changed_recipe(s3_data, tmp_pa
 
     changed = _cfg(s3_data, str(tmp_path / "runs"), "r3", max_failures=0,
                    phase2=PhaseConfig(epochs=2, lr=5e-3, optimizer="sgd", batch_size=64))
-    with pytest.raises(train.RunExistsError, match="different configuration.*phase2"):
-        train.fit(changed, log=lambda _: None)
+    with pytest.raises(runs.RunExistsError, match="different configuration.*phase2"):
+        train.fit(changed)
 
-    summary = train.fit(cfg, log=lambda _: None)  # same name, same recipe: resumes
+    summary = train.fit(cfg)  # same name, same recipe: resumes
     rows = _rows(cfg.run_uri())
     assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
     assert sum("restored_from" in r for r in rows) == 1
     assert summary["epochs"] == 3 and (run / "result.json").exists()
 
     # Finished now: the same name is refused, unless --overwrite asks for a fresh run.
-    with pytest.raises(train.RunExistsError, match="--overwrite"):
-        train.fit(cfg, log=lambda _: None)
-    train.fit(dataclasses.replace(cfg, overwrite=True), log=lambda _: None)
+    with pytest.raises(runs.RunExistsError, match="--overwrite"):
+        train.fit(cfg)
+    train.fit(dataclasses.replace(cfg, overwrite=True))
     rows = _rows(cfg.run_uri())
     assert len(rows) == 3 and not any("restored_from" in r for r in rows)
 
@@ -185,29 +199,27 @@ def test_use_gpu_fails_at_once_unless_an_autoscaler_can_add_gpus(s3_data, tmp_pa
                                                                    monkeypatch):
     # This local instance has no autoscaler: no wait at all, whatever --resource-timeout-s.
     cfg = _cfg(s3_data, str(tmp_path), "gpu", use_gpu=True, resource_timeout_s=600)
-    with pytest.raises(train.ResourceError,
+    with pytest.raises(cluster.ResourceError,
                        match=r"GPU: need 2, cluster has 0, and no autoscaler.*--use-gpu"):
-        train.fit(cfg, log=lambda _: None)
+        train.fit(cfg)
     # On a `ray up` head (its bootstrap config is our cluster.yaml, prepared by Ray), GPU
     # nodes may still come: wait the bounded time. Beyond the config's largest size: at once.
-    from ray.autoscaler._private.util import prepare_config
-
     with open(REPO / "cluster.yaml") as f:
-        boot = prepare_config(yaml.safe_load(f))
+        boot = ray_internals.prepare_autoscaler_config(yaml.safe_load(f))
     (tmp_path / "bootstrap.yaml").write_text(yaml.safe_dump(boot))
-    monkeypatch.setattr(train, "AUTOSCALER_CONFIG", str(tmp_path / "bootstrap.yaml"))
-    with pytest.raises(train.ResourceError, match=r"GPU: need 2.*Waited 2 s for the autoscaler"):
-        train.fit(dataclasses.replace(cfg, resource_timeout_s=2), log=lambda _: None)
-    with pytest.raises(train.ResourceError, match=r"at its largest the autoscaler gives GPU: 16"):
-        train.fit(dataclasses.replace(cfg, workers=32), log=lambda _: None)
+    monkeypatch.setattr(cluster, "AUTOSCALER_CONFIG", str(tmp_path / "bootstrap.yaml"))
+    with pytest.raises(cluster.ResourceError, match=r"GPU: need 2.*Waited 2 s for the autoscaler"):
+        train.fit(dataclasses.replace(cfg, resource_timeout_s=2))
+    with pytest.raises(cluster.ResourceError, match=r"at its largest the autoscaler gives GPU: 16"):
+        train.fit(dataclasses.replace(cfg, workers=32))
     assert not (tmp_path / "gpu" / "config.json").exists()
 
 
 def test_missing_dataset_and_bucket_fail_before_ray_work(s3_data, tmp_path):
     with pytest.raises(data.DataError, match="s3://cifar-ray-datasets/datasets/nope"):
-        train.fit(_cfg(s3_data, str(tmp_path), "x", dataset="nope"), log=lambda _: None)
+        train.fit(_cfg(s3_data, str(tmp_path), "x", dataset="nope"))
     with pytest.raises(storage.StorageError, match="s3://no-such-bucket-for-runs/runs"):
-        train.fit(_cfg(s3_data, "s3://no-such-bucket-for-runs/runs", "x"), log=lambda _: None)
+        train.fit(_cfg(s3_data, "s3://no-such-bucket-for-runs/runs", "x"))
 
 
 def test_a_local_instance_keeps_token_authentication_on(ray_local):
@@ -216,15 +228,11 @@ def test_a_local_instance_keeps_token_authentication_on(ray_local):
     import urllib.error
     import urllib.request
 
-    from ray._private.authentication.http_token_authentication import (
-        get_auth_headers_if_auth_enabled,
-    )
-
-    url = f"http://{ray_local._private.worker.get_dashboard_url()}/api/jobs/"
+    url = f"http://{ray_internals.dashboard_url()}/api/jobs/"
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url, timeout=30)
     assert e.value.code == 401
-    headers = get_auth_headers_if_auth_enabled({})
+    headers = ray_internals.auth_headers()
     assert headers, "token authentication is off"
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
         assert r.status == 200

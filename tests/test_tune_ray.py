@@ -18,7 +18,7 @@ import pytest
 from conftest import wait_until
 from PIL import Image
 
-from cifar_ray import results, storage, train, tune
+from cifar_ray import cluster, results, runs, storage, tune
 from cifar_ray.cli import main as cli
 from cifar_ray.config import PhaseConfig, SweepConfig, TrainConfig
 
@@ -37,15 +37,15 @@ def _sweep_cfg(data_root: str, storage_root: str, name: str, **kw) -> SweepConfi
 
 
 def _trial_rows(exp: str) -> dict[str, list[dict]]:
-    trials = storage.join(exp, tune.TRIALS)
-    return {n: train.read_metrics(storage.join(trials, n)) for n in storage.list_dir(trials)}
+    trials = storage.join(exp, runs.TRIALS)
+    return {n: runs.read_metrics(storage.join(trials, n)) for n in storage.list_dir(trials)}
 
 
 def test_asha_sweep_on_s3_runs_phase1_once_and_inspect_reads_it(s3_data, bucket, tmp_path,
                                                                 capsys):
     cfg = _sweep_cfg(s3_data, f"s3://{bucket}/sweeps", "sw", scheduler="asha", grace_period=1,
                      reduction_factor=2)
-    best = tune.sweep(cfg, log=lambda _: None)
+    best = tune.sweep(cfg)
     exp = f"s3://{bucket}/sweeps/sw"
     names = storage.list_dir(exp)
     assert any(n.startswith("experiment_state") for n in names)
@@ -53,7 +53,7 @@ def test_asha_sweep_on_s3_runs_phase1_once_and_inspect_reads_it(s3_data, bucket,
 
     # Phase 1 ran exactly once: one phase-1 run, no phase-1 checkpoint in any trial, and
     # every trial's history starts with that run's phase-1 epochs, restored from its checkpoint.
-    phase1_rows = train.read_metrics(storage.join(exp, "phase1"))
+    phase1_rows = runs.read_metrics(storage.join(exp, "phase1"))
     assert [(r["phase"], r["epoch"]) for r in phase1_rows] == [(1, 0)]
     rows = _trial_rows(exp)
     assert len(rows) == 3
@@ -63,12 +63,18 @@ def test_asha_sweep_on_s3_runs_phase1_once_and_inspect_reads_it(s3_data, bucket,
         assert not any(n.startswith("checkpoint-p1") for n in
                        storage.list_dir(storage.join(exp, "trials", name)))
     assert best["phase1_epochs_saved"] == 2 and best["trials"] == 3
-    assert best["lr"] in (1e-4, 1e-3, 1e-2) and 0 <= best["test_acc"] <= 1
+    assert best["lr"] in (1e-4, 1e-3, 1e-2) and 0 <= best["evaluated_acc"] <= 1
     assert json.loads(storage.read_bytes(storage.join(exp, "best.json"))) == best
+    # best.json and a run's result.json name the same things alike.
+    result = runs.read_json(storage.join(exp, "phase1", "result.json"))
+    shared = {"best_checkpoint", "best_val_acc", "best_phase", "best_epoch", "evaluated_split",
+              "evaluated_acc", "evaluated_loss", "evaluated_images"}
+    assert shared <= set(best) and shared <= set(result)
+    assert best["best_phase"] == 2 and result["best_phase"] == 1
 
     # The same name again is refused without --resume.
-    with pytest.raises(tune.ExperimentExistsError, match="--resume"):
-        tune.sweep(cfg, log=lambda _: None)
+    with pytest.raises(runs.ExperimentExistsError, match="--resume"):
+        tune.sweep(cfg)
 
     # inspect: a row per trial, JSON naming the best LR, four PNGs of the expected size.
     capsys.readouterr()
@@ -125,7 +131,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(s3_data, tmp_pa
     for name, rows in before.items():
         assert after[name] == rows, f"finished trial {name} was rerun"
     assert all(len([r for r in rows if r["phase"] == 2]) == 2 for rows in after.values())
-    assert len(train.read_metrics(os.path.join(exp, "phase1"))) == 1  # still one phase 1
+    assert len(runs.read_metrics(os.path.join(exp, "phase1"))) == 1  # still one phase 1
     assert (Path(exp) / "best.json").exists()
 
 
@@ -134,11 +140,11 @@ def test_bad_sweeps_fail_before_any_trial(s3_data, tmp_path):
     too_big = dataclasses.replace(too_big, train=dataclasses.replace(
         too_big.train, workers=4, resource_timeout_s=1,
         phase1=PhaseConfig(epochs=1, batch_size=64), phase2=PhaseConfig(epochs=2, batch_size=64)))
-    with pytest.raises(train.ResourceError, match="CPU: need 4, cluster has 2"):
-        tune.sweep(too_big, log=lambda _: None)
+    with pytest.raises(cluster.ResourceError, match="CPU: need 4, cluster has 2"):
+        tune.sweep(too_big)
     assert not (tmp_path / "big").exists()
-    with pytest.raises(tune.ExperimentExistsError, match="--resume: no experiment"):
-        tune.sweep(_sweep_cfg(s3_data, str(tmp_path), "none", resume=True), log=lambda _: None)
+    with pytest.raises(runs.ExperimentExistsError, match="--resume: no experiment"):
+        tune.sweep(_sweep_cfg(s3_data, str(tmp_path), "none", resume=True))
 
 
 def test_inspect_of_a_uri_without_an_experiment_is_a_clear_error(tmp_path):

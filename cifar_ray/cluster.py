@@ -1,0 +1,153 @@
+"""The Ray session of a job: join a cluster or start a private local instance, check that the
+workers can be placed, and give them the environment they need.
+
+    python jobs/train.py --smoke     # no cluster running: starts a local instance, then stops it
+
+`session(cfg)` is all the jobs use: inside it Ray is connected and the cluster can hold
+cfg's workers. A local instance (no RAY_ADDRESS, no `ray start` running) lives for the job
+only, with every server on 127.0.0.1 and token authentication on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import ray
+
+from cifar_ray import ray_internals
+from cifar_ray.config import TrainConfig
+from cifar_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Passed to every worker so that each node reaches the same object store endpoint. Keys and
+# secrets are deliberately absent: workers get credentials from their own chain (roles).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+# Written by `ray up` on the head node, where `ray job submit` runs the job's driver.
+AUTOSCALER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+class ResourceError(UserError, RuntimeError):
+    """The cluster cannot place the requested workers within the bounded wait."""
+
+
+def worker_env() -> dict:
+    """runtime_env for workers: the object store's endpoint and region."""
+    return {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
+
+
+def start_local_ray(**kwargs) -> None:
+    """A private one-machine Ray instance: every server on loopback, token auth on."""
+    ray_internals.single_machine()
+    # gloo's peer connections, likewise: the loopback interface rather than the host's name.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # Token authentication: Ray 2.60 turns it on for a new local instance unless the user
+    # set RAY_AUTH_MODE (setting it here, after `import ray`, would desync Ray's cached
+    # config from its daemons). The dashboard runs (on 127.0.0.1) because Train V2 cleans up
+    # placement groups through the State API.
+    ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
+
+
+def connect() -> bool:
+    """Connect to the cluster named by RAY_ADDRESS (as `ray job submit` sets it) or a local
+    `ray start` instance; else start a private one. Returns True if we started it."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return False
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        return False
+    except ConnectionError:
+        log.info("no Ray cluster found: starting a local instance")
+        start_local_ray(log_to_driver=True)
+        return True
+
+
+def needed_resources(cfg: TrainConfig) -> dict[str, float]:
+    need = {"CPU": float(cfg.workers * cfg.cpus_per_worker)}
+    if cfg.use_gpu:
+        need["GPU"] = float(cfg.workers)
+    return need
+
+
+def autoscaler_max_resources(config: dict) -> dict[str, float]:
+    """The most of each resource an autoscaler config can bring up: the head's resources plus
+    every worker type's times its max_workers (capped by the cluster's max_workers)."""
+    cap = config.get("max_workers", 0)
+    total: dict[str, float] = {}
+    for name, node_type in config.get("available_node_types", {}).items():
+        count = 1 if name == config.get("head_node_type") else min(
+            node_type.get("max_workers", cap), cap)
+        for k, v in node_type.get("resources", {}).items():
+            total[k] = total.get(k, 0.0) + float(v) * count
+    return total
+
+
+def max_cluster_resources() -> dict[str, float] | None:
+    """What the connected cluster can grow to, or None when nothing can add nodes to it (a
+    local instance, a fixed `ray start` cluster): then what it has now is all it will have."""
+    reported = ray_internals.max_resources_from_cluster_config()  # autoscaler v2, KubeRay
+    if reported:
+        return {k: float(v) for k, v in reported.items()}
+    path = os.path.expanduser(AUTOSCALER_CONFIG)  # the classic autoscaler of `ray up`
+    if os.path.exists(path):
+        import yaml
+
+        with open(path) as f:
+            return autoscaler_max_resources(yaml.safe_load(f))
+    return None
+
+
+def wait_for_resources(cfg: TrainConfig) -> None:
+    """Ray Train would wait forever for workers the cluster cannot place. Fail at once when
+    the cluster can never hold them (no autoscaler, or beyond its largest size); otherwise
+    wait --resource-timeout-s for the autoscaler to add nodes, then fail saying what is
+    missing."""
+    need = needed_resources(cfg)
+    deadline = time.monotonic() + cfg.resource_timeout_s
+    said = False
+    while True:
+        have = ray.cluster_resources()
+        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) < v}
+        if not short:
+            return
+        text = ", ".join(f"{k}: need {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+        hint = (" (--use-gpu on a machine without GPUs? drop --use-gpu to train on CPU)"
+                if "GPU" in short else "")
+        ceiling = max_cluster_resources()
+        if ceiling is None:
+            raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}, and no "
+                                f"autoscaler can add nodes to this cluster{hint}.")
+        beyond = {k: ceiling.get(k, 0.0) for k in short if ceiling.get(k, 0.0) < need[k]}
+        if beyond:
+            most = ", ".join(f"{k}: {v:g}" for k, v in beyond.items())
+            raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}; even at "
+                                f"its largest the autoscaler gives {most}{hint}.")
+        if time.monotonic() >= deadline:
+            raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}{hint}. "
+                                f"Waited {cfg.resource_timeout_s:g} s for the autoscaler "
+                                "(--resource-timeout-s).")
+        if not said:
+            log.info(f"waiting up to {cfg.resource_timeout_s:g} s for the autoscaler to add "
+                     f"nodes ({text})")
+            said = True
+        time.sleep(2)
+
+
+@contextlib.contextmanager
+def session(cfg: TrainConfig) -> Iterator[None]:
+    """Ray connected, and room for cfg's workers (one trial's, in a sweep); a local instance
+    started here is shut down on the way out, whatever happens inside."""
+    started_here = connect()
+    try:
+        wait_for_resources(cfg)
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()

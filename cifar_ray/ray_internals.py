@@ -1,0 +1,123 @@
+"""Every use of Ray's private APIs, in one place, for the one Ray version they were written for.
+
+    python -c "import cifar_ray.ray_internals"      # warns on a Ray other than RAY_VERSION
+
+Ray's private modules change between releases without notice. cifar_ray reaches into them
+for the few things below and nowhere else (tests included). Each is named with what it is
+for; on another Ray version, check each against that version's source, update this file and
+RAY_VERSION. Importing it on another version warns; a private name that has gone raises
+RayInternalsError naming it and this file.
+
+1. single_machine(): Ray's single-machine switch (env var + module constant) that keeps a
+   private local instance on 127.0.0.1, and Train's preemption watcher off there.
+2. max_resources_from_cluster_config(): what an autoscaler (v2, KubeRay) can grow to.
+3. TorchBackend, address_and_port, set_torch_env_vars: Ray Train's torch backend, which
+   rendezvous.py subclasses to bind torch's rendezvous store to one address.
+4. asha_rungs_with, asha_cutoff, asha_count_stop: the fields of Tune's ASHA that our ASHA
+   (tune.py) re-checks.
+5. quiet_train_reports(level): Train V2 logs every ray.train.report under a logger named
+   after its file, which LoggingConfig's filter (for "ray.train.*") misses.
+6. For tests: auth_headers(), dashboard_url(), prepare_autoscaler_config(),
+   validate_autoscaler_config().
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import warnings
+
+import ray
+
+RAY_VERSION = "2.60"
+
+
+class RayInternalsError(RuntimeError):
+    """A private Ray name this project relies on is missing from the installed Ray."""
+
+
+if not ray.__version__.startswith(RAY_VERSION + "."):
+    warnings.warn(f"cifar_ray/ray_internals.py was written for Ray {RAY_VERSION}, and this is "
+                  f"Ray {ray.__version__}: check the private names it lists against this "
+                  "version's source", stacklevel=2)
+
+
+def _private(module: str, name: str):
+    """`module.name` from Ray's private API, or an error that says what to update."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise RayInternalsError(
+            f"Ray {ray.__version__} has no {module}.{name} ({e}); cifar_ray/ray_internals.py "
+            f"was written for Ray {RAY_VERSION}: update it for this version") from e
+
+
+# 3. Ray Train's torch backend (subclassed at import time by rendezvous.py).
+TorchBackend = _private("ray.train.torch.config", "_TorchBackend")
+address_and_port = _private("ray.train._internal.utils", "get_address_and_port")
+set_torch_env_vars = _private("ray.train.torch.config", "_set_torch_distributed_env_vars")
+
+
+def single_machine() -> None:
+    """For a Ray instance we start on this machine alone, before it starts. Ray binds its
+    servers to the node's IP, and on Linux swaps 127.0.0.1 for the machine's routable address
+    unless told the instance is single-machine: the switch it uses on macOS/Windows. The env
+    var is for the daemons and workers, the constant for this process (read when `ray` was
+    imported). No node of a one-machine instance is ever preempted, so Train's preemption
+    watcher (an actor per run, whose creation logs a spurious core-worker ERROR: Ray issue
+    53727) is off unless the user set it."""
+    os.environ[_private("ray._private.ray_constants", "ENABLE_RAY_CLUSTERS_ENV_VAR")] = "0"
+    importlib.import_module("ray._private.ray_constants").ENABLE_RAY_CLUSTER = False
+    os.environ.setdefault(_private("ray.train.v2._internal.constants",
+                                   "ENABLE_PREEMPTION_WATCHER_ENV_VAR"), "0")
+
+
+def max_resources_from_cluster_config() -> dict | None:
+    """Resources an autoscaler reports it can grow the cluster to (None without one)."""
+    state = _private("ray._private.state", "state")
+    return state.get_max_resources_from_cluster_config()
+
+
+def quiet_train_reports(level: str) -> None:
+    """Apply Ray Train's log level (LoggingConfig) to the logger of its report lines too."""
+    logger = _private("ray.train.v2._internal.execution.context", "logger")
+    logger.setLevel(logging.getLevelName(level))
+
+
+def asha_rungs_with(scheduler, trial_id: str) -> list[dict]:
+    """The rungs (trial id -> recorded score) where `trial_id` has a score."""
+    bracket = scheduler._trial_info.get(trial_id)
+    return [r for _, r in bracket._rungs if trial_id in r] if bracket else []
+
+
+def asha_cutoff(scheduler, trial_id: str, rung: dict) -> float | None:
+    """The score a trial needs at `rung` to continue, as ASHA computes it now."""
+    return scheduler._trial_info[trial_id].cutoff(rung)
+
+
+def asha_count_stop(scheduler) -> None:
+    """Keep ASHA's own count of stopped trials (shown in Tune's status) right."""
+    scheduler._num_stopped += 1
+
+
+def auth_headers() -> dict:
+    """The HTTP headers that carry this process's Ray token (empty without token auth)."""
+    get = _private("ray._private.authentication.http_token_authentication",
+                   "get_auth_headers_if_auth_enabled")
+    return get({})
+
+
+def dashboard_url() -> str:
+    """host:port of the connected Ray instance's dashboard (and jobs API)."""
+    return _private("ray._private.worker", "get_dashboard_url")()
+
+
+def prepare_autoscaler_config(config: dict) -> dict:
+    """What `ray up` does to a cluster config before it launches anything."""
+    return _private("ray.autoscaler._private.util", "prepare_config")(config)
+
+
+def validate_autoscaler_config(config: dict) -> None:
+    """Ray's own jsonschema validation of a prepared cluster config."""
+    _private("ray.autoscaler._private.util", "validate_config")(config)

@@ -1,0 +1,195 @@
+"""Run and experiment folders in storage: their file names, reading and writing them, and the
+checks that keep a new run from clobbering an old one. No Ray, no torch.
+
+    python -c "from cifar_ray import runs; print(runs.read_metrics('results/smoke'))"
+
+A run folder <storage>/<name>/ (`cifar-ray train`; also each sweep trial and a sweep's phase 1):
+  config.json                    the resolved config, written before the first epoch
+  metrics.jsonl                  one line per epoch (ours: Ray's Result keeps only the last)
+  checkpoint-p<phase>-e<epoch>/  Ray-managed: the best --keep-checkpoints by val accuracy and
+                                 the latest
+  model_final.pt                 the model's weights after the last epoch
+  result.json                    written last: the run is finished
+An experiment folder <storage>/<name>/ (`cifar-ray tune`): Tune's experiment_state-*.json,
+phase1/ (a run folder), trials/trial-<id>/ (a run folder each) and best.json, written last.
+result.json and best.json name the same things with the same keys (`evaluated` below).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from cifar_ray import storage
+from cifar_ray.config import SweepConfig, TrainConfig
+from cifar_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CONFIG, METRICS, FINAL, RESULT = "config.json", "metrics.jsonl", "model_final.pt", "result.json"
+PHASE1, TRIALS, BEST = "phase1", "trials", "best.json"
+# Fields that may change between a run and its resumption: they say how to run, not what.
+OPERATIONAL = {"workers", "use_gpu", "cpus_per_worker", "max_failures", "resource_timeout_s",
+               "overwrite", "smoke", "data", "storage", "keep_checkpoints", "log_level",
+               "ray_log_level"}
+
+
+class RunExistsError(UserError, RuntimeError):
+    """The run name holds a finished run (or a different config) and would be overwritten."""
+
+
+class ExperimentExistsError(UserError, RuntimeError):
+    """The experiment name is taken (and --resume was not given), or is missing on --resume."""
+
+
+def checkpoint_name(phase: int, epoch: int) -> str:
+    return f"checkpoint-p{phase}-e{epoch:03d}"
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_json(uri: str, obj: dict) -> None:
+    storage.write_bytes(uri, json.dumps(obj, indent=2).encode())
+
+
+def read_json(uri: str) -> dict | None:
+    """A JSON file's contents, or None when it does not exist (yet)."""
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def write_config(cfg: TrainConfig) -> None:
+    write_json(storage.join(cfg.run_uri(), CONFIG), cfg.to_dict())
+
+
+def read_config(run_uri: str) -> TrainConfig | None:
+    d = read_json(storage.join(run_uri, CONFIG))
+    return TrainConfig.from_dict(d) if d is not None else None
+
+
+def write_metrics(run_uri: str, history: list[dict]) -> None:
+    """The whole history each time: one PUT, no append (object stores have none)."""
+    storage.write_bytes(storage.join(run_uri, METRICS),
+                        "".join(json.dumps(row) + "\n" for row in history).encode())
+
+
+def read_metrics(run_uri: str) -> list[dict]:
+    """The per-epoch rows of a run (empty before its first epoch)."""
+    uri = storage.join(run_uri, METRICS)
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines()]
+
+
+def read_runs(folder: str) -> dict[str, tuple[TrainConfig | None, list[dict]]]:
+    """Every run under a folder (a sweep's trials): its config (None if not written yet) and
+    its per-epoch rows."""
+    return {name: (read_config(run), read_metrics(run))
+            for name in storage.list_dir(folder) for run in [storage.join(folder, name)]}
+
+
+# ---------------------------------------------------------------- choices made from the files
+
+
+def evaluation_split(manifest: dict) -> str:
+    """What a finished run is scored on: the test split, else (a dataset without one) val."""
+    if "test" in manifest["splits"]:
+        return "test"
+    log.info("the dataset has no test split: scoring the best checkpoint on val")
+    return "val"
+
+
+def best_epoch(rows: list[dict], phase: int | None = None) -> dict | None:
+    """The row with the highest val accuracy (the earliest on a tie), of one phase if given."""
+    rows = [r for r in rows if phase is None or r["phase"] == phase]
+    return max(rows, key=lambda r: r["val_acc"]) if rows else None
+
+
+def best_checkpoint(run_uri: str, rows: list[dict], phase: int | None = None
+                    ) -> tuple[dict, str] | None:
+    """(row, checkpoint URI) of the best epoch whose checkpoint Ray kept: it keeps the best
+    --keep-checkpoints by val accuracy, and on a tie may have kept another epoch than ours."""
+    kept = set(storage.list_dir(run_uri))
+    row = best_epoch([r for r in rows if checkpoint_name(r["phase"], r["epoch"]) in kept], phase)
+    if row is None:
+        return None
+    return row, storage.join(run_uri, checkpoint_name(row["phase"], row["epoch"]))
+
+
+def evaluated(row: dict, checkpoint_uri: str, ev: dict) -> dict:
+    """The keys result.json and best.json share: the best epoch and its checkpoint's score."""
+    return {"best_checkpoint": storage.display(checkpoint_uri), "best_val_acc": row["val_acc"],
+            "best_phase": row["phase"], "best_epoch": row["epoch"],
+            "evaluated_split": ev["split"], "evaluated_acc": ev["accuracy"],
+            "evaluated_loss": ev["loss"], "evaluated_images": ev["count"]}
+
+
+def describe(summary: dict) -> str:
+    """One line for the log, from result.json's or best.json's shared keys."""
+    return (f"best checkpoint {summary['best_checkpoint']} (phase {summary['best_phase']} "
+            f"epoch {summary['best_epoch'] + 1}, val acc {summary['best_val_acc']:.4f}): "
+            f"{summary['evaluated_split']} accuracy {summary['evaluated_acc']:.4f} on "
+            f"{summary['evaluated_images']} images")
+
+
+# ---------------------------------------------------------------- before writing
+
+
+def _comparable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in OPERATIONAL}
+
+
+def check_run(cfg: TrainConfig) -> None:
+    """Refuse to clobber a finished run; refuse to resume a run with a different recipe. A
+    finished smoke run is replaced by the next smoke run of the same name, and so is any
+    finished run with --overwrite."""
+    run_uri = cfg.run_uri()
+    if storage.exists(storage.join(run_uri, RESULT)):
+        stored = read_config(run_uri)
+        if cfg.smoke and stored is not None and stored.smoke:
+            log.info(f"replacing the previous smoke run at {storage.display(run_uri)}")
+        elif cfg.overwrite:
+            log.info(f"--overwrite: deleting the finished run at {storage.display(run_uri)}")
+        else:
+            raise RunExistsError(
+                f"{storage.display(run_uri)} holds a finished run (result.json); refusing to "
+                "overwrite it. Choose another --name, or pass --overwrite to replace it.")
+        storage.delete_dir(run_uri)
+        return
+    old = read_json(storage.join(run_uri, CONFIG))
+    if old is not None:
+        new = cfg.to_dict()
+        diff = sorted(k for k in _comparable(old) | _comparable(new) if old.get(k) != new.get(k))
+        if diff:
+            raise RunExistsError(
+                f"{storage.display(run_uri)} holds an unfinished run with a different "
+                f"configuration ({', '.join(diff)} differ); resume it with the same settings "
+                "or choose another --name")
+        log.info(f"resuming unfinished run {storage.display(run_uri)} from its latest checkpoint")
+
+
+def _smoke_experiment(exp: str) -> bool:
+    """Whether the runs of an experiment (its phase 1, else its trials) were smoke runs."""
+    cfg = read_config(storage.join(exp, PHASE1))
+    if cfg is None:
+        cfg = next((c for c, _ in read_runs(storage.join(exp, TRIALS)).values() if c), None)
+    return cfg is not None and cfg.smoke
+
+
+def check_experiment(cfg: SweepConfig) -> bool:
+    """True when resuming. A taken name without --resume, or --resume of nothing, is refused;
+    a previous smoke sweep of the same name is replaced by the next smoke sweep."""
+    exp = cfg.train.run_uri()
+    exists = storage.exists(exp) and any(
+        n.startswith("experiment_state") or n == PHASE1 for n in storage.list_dir(exp))
+    if cfg.resume and not exists:
+        raise ExperimentExistsError(f"--resume: no experiment at {storage.display(exp)}")
+    if exists and not cfg.resume:
+        if not (cfg.train.smoke and _smoke_experiment(exp)):
+            raise ExperimentExistsError(
+                f"{storage.display(exp)} already holds an experiment; pass --resume to continue "
+                "it or choose another --name")
+        log.info(f"replacing the previous smoke sweep at {storage.display(exp)}")
+        storage.delete_dir(exp)
+        return False
+    return exists
