@@ -21,9 +21,14 @@ from torch import nn
 
 from cifar_ray import engine
 from cifar_ray.config import PhaseConfig, TrainConfig
+from cifar_ray.errors import UserError
 from cifar_ray.model import Classifier, set_phase, train_mode
 
 log = logging.getLogger(__name__)
+
+
+class BatchTooLargeError(UserError, RuntimeError):
+    """A phase's batch does not fit in the device's memory; the message names the flag."""
 
 
 def _identity(module: nn.Module) -> nn.Module:
@@ -161,6 +166,8 @@ def run_phases(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runt
                              f"{len(data.train_y) * rt.world} training images")
         inputs = phase_inputs(cfg, model, data, rt, phase, eval_batch)
         wrapped = rt.wrap(inputs.module)  # (re)wrapped per phase: DDP keeps the params it saw
+        if cfg.compile:  # per phase too: each phase trains another module (or a frozen part)
+            wrapped = torch.compile(wrapped)
         optimizer = engine.make_optimizer(pc, inputs.module.parameters())
         scheduler = engine.make_scheduler(optimizer, pc, steps)
         if resume and resume["phase"] == phase:
@@ -168,9 +175,12 @@ def run_phases(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runt
             scheduler.load_state_dict(resume["scheduler"])
         loss_fn = nn.CrossEntropyLoss(label_smoothing=pc.label_smoothing)
         for epoch in range(first, pc.epochs):
-            tr, va = run_epoch(cfg, model, inputs, wrapped, data, rt, phase, epoch,
-                               optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-                               batch_size=per_rank_batch, eval_batch=eval_batch)
+            try:
+                tr, va = run_epoch(cfg, model, inputs, wrapped, data, rt, phase, epoch,
+                                   optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+                                   batch_size=per_rank_batch, eval_batch=eval_batch)
+            except torch.OutOfMemoryError:
+                raise out_of_memory(cfg, rt, phase, per_rank_batch) from None
             setup = inputs.setup_seconds if epoch == first else 0.0
             metrics = epoch_metrics(rt, phase, epoch, len(history) + 1, tr, va, setup, inputs)
             if restored_from is not None:
@@ -181,6 +191,23 @@ def run_phases(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runt
             report(metrics, functools.partial(checkpoint_state, cfg, model, optimizer,
                                               scheduler, phase, epoch, history))
     return history
+
+
+def out_of_memory(cfg: TrainConfig, rt: Runtime, phase: int, per_rank_batch: int
+                  ) -> BatchTooLargeError:
+    """What to change when a phase's batch does not fit, with the memory seen (instead of
+    the allocator's traceback)."""
+    seen = ""
+    if rt.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(rt.device)
+        seen = (f" ({torch.cuda.get_device_name(rt.device)}: {total / 2**30:.1f} GiB, "
+                f"{torch.cuda.max_memory_allocated(rt.device) / 2**30:.1f} GiB at its peak "
+                f"in this process, {free / 2**30:.1f} GiB free after the failure)")
+    return BatchTooLargeError(
+        f"--phase{phase}-batch-size {cfg.phase(phase).batch_size}: {per_rank_batch} images "
+        f"per worker at --image-size {cfg.image_size} do not fit in {rt.device}'s memory"
+        f"{seen}. Use a smaller --phase{phase}-batch-size (scaling --phase{phase}-lr with "
+        "it), more --workers, or a smaller --image-size.")
 
 
 def run_epoch(cfg: TrainConfig, model: Classifier, inputs: PhaseInputs, wrapped: nn.Module,

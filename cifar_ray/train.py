@@ -1,8 +1,8 @@
 """Ray Train glue: the per-worker loop, the TorchTrainer, and a run from start to result.json.
 
     python jobs/train.py --smoke
-    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/train.py \
-        --data s3://bucket/datasets --storage s3://bucket/runs --name r50-a --workers 4 --use-gpu
+    ray job submit --working-dir . -- python jobs/train.py --data s3://bucket/datasets \
+        --storage s3://bucket/runs --name r50-a --workers 4 --use-gpu
 
 The schedule itself is recipe.py, the run folder's files runs.py, the Ray session cluster.py.
 """
@@ -10,8 +10,11 @@ The schedule itself is recipe.py, the run folder's files runs.py, the Ray sessio
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import logging
+import os
+import shutil
 import tempfile
 import time
 
@@ -23,8 +26,9 @@ from ray.train.torch import TorchTrainer
 from cifar_ray import checkpoint, cluster, data, logs, ray_internals, rendezvous, runs, storage
 from cifar_ray.config import PrepareConfig, TrainConfig
 from cifar_ray.engine import to_tensor
+from cifar_ray.errors import UserError
 from cifar_ray.evaluate import evaluate_checkpoint
-from cifar_ray.model import build
+from cifar_ray.model import WeightsError, build
 from cifar_ray.recipe import DeviceSplits, Runtime, run_phases
 
 log = logging.getLogger(__name__)
@@ -125,9 +129,12 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
-    """Everything that can fail cheaply, before Ray starts: the smoke data, the dataset and
-    its splits, batch sizes against it, storage writable. Returns the config with absolute
-    local paths (Ray requires them) and the dataset's manifest."""
+    """Everything that can fail cheaply, before Ray starts: --compile's toolchain, the smoke
+    data, the dataset and its splits, batch sizes against it, --weights there, storage
+    writable. Returns the
+    config with absolute local paths (Ray requires them) and the dataset's manifest."""
+    if cfg.compile:
+        check_compiler(cfg.use_gpu)
     if cfg.smoke:
         data.prepare(PrepareConfig(source="synthetic", data=cfg.data, dataset=cfg.dataset,
                                    val_size=400, synthetic_size=2000))
@@ -143,8 +150,26 @@ def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
         if pc.epochs and (n_train // cfg.workers) < pc.batch_size // cfg.workers:
             raise ValueError(f"--phase{i}-batch-size {pc.batch_size}: more than the "
                              f"{n_train} training images allow with --workers {cfg.workers}")
+    if cfg.weights not in ("imagenet", "none") and not storage.exists(cfg.weights):
+        raise WeightsError(f"--weights {storage.display(cfg.weights)}: no such file "
+                                 "(a ResNet50 state_dict: path or s3:// URI)")
     storage.check_writable(cfg.storage)
     return cfg, manifest
+
+
+def check_compiler(gpu: bool) -> None:
+    """--compile needs what torch's inductor generates code with: triton for CUDA kernels, a
+    C++ compiler for CPU ones. Checked here, on the driver, before any worker starts."""
+    if gpu:
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("--compile: torch.compile on GPUs needs triton, which is not "
+                             "installed here; install it (pip install triton) or drop --compile")
+        return
+    names = [os.environ.get("CXX"), "g++", "clang++", "c++"]
+    if not any(n and shutil.which(n) for n in names):
+        raise ValueError("--compile: torch.compile on CPU needs a C++ compiler (CXX, g++, "
+                         "clang++ or c++ on PATH) and none was found; install one or drop "
+                         "--compile")
 
 
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrainer:
@@ -166,6 +191,19 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrain
             worker_runtime_env=cluster.worker_env(),
             logging_config=ray.train.LoggingConfig(log_level=cfg.ray_log_level),
             callbacks=callbacks))
+
+
+def fit_trainer(trainer: TorchTrainer) -> None:
+    """trainer.fit(), except that a UserError raised in a worker (a batch that does not fit,
+    weights that cannot be read) reaches the caller as itself: one line naming the flag, not
+    Ray's wrapper with every worker's traceback."""
+    try:
+        trainer.fit()
+    except ray.train.WorkerGroupError as e:
+        user = [f for f in e.worker_failures.values() if isinstance(f, UserError)]
+        if user:
+            raise user[0] from None
+        raise
 
 
 def evaluate_remote(ckpt_uri: str, cfg: TrainConfig, split: str) -> dict:
@@ -194,7 +232,7 @@ def run_and_evaluate(cfg: TrainConfig, manifest: dict) -> dict:
     run_uri = cfg.run_uri()
     runs.write_config(cfg)
     t0 = time.time()
-    build_trainer(cfg).fit()
+    fit_trainer(build_trainer(cfg))
     wall = time.time() - t0
     history = runs.read_metrics(run_uri)
     summary = {"name": cfg.name, "run": storage.display(run_uri), "wall_seconds": round(wall, 1),

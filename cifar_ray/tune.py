@@ -89,7 +89,7 @@ def run_trial(params: dict) -> None:
     base = TrainConfig.from_dict(params["base"])
     cfg = trial_config(base, params, tune.get_context().get_trial_id(), params["init"])
     runs.write_config(cfg)
-    train.build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    train.fit_trainer(train.build_trainer(cfg, callbacks=[TuneReportCallback()]))
 
 
 def concurrency(cfg: SweepConfig) -> int:

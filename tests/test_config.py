@@ -97,3 +97,13 @@ def test_log_level_flag_quiets_our_lines(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     assert main(args) == 0  # INFO: says what it did (here: nothing, already prepared)
     assert "already prepared" in capsys.readouterr().err
+
+
+def test_compile_without_a_compiler_fails_before_ray(tmp_path):
+    # PATH holds no compiler at all (the interpreter is called by its full path).
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--compile",
+                          "--storage", str(tmp_path / "runs")], capture_output=True, text=True,
+                         timeout=120, env={"PATH": str(tmp_path), "HOME": str(tmp_path)})
+    assert out.returncode == 2, out.stderr
+    assert "--compile: torch.compile on CPU needs a C++ compiler" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()

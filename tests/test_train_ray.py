@@ -21,7 +21,7 @@ import ray.train
 import yaml
 from conftest import FAKE_KEY_ID, FAKE_SECRET, descendants, listeners, wait_until
 
-from cifar_ray import cluster, data, ray_internals, runs, storage, train
+from cifar_ray import cluster, data, model, ray_internals, runs, storage, train
 from cifar_ray.config import PhaseConfig, TrainConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
@@ -74,7 +74,7 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
     rows = [json.loads(x) for x in storage.read_bytes(f"s3://{bucket}/runs/r1/metrics.jsonl")
             .decode().splitlines()]
     assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0)]
-    assert summary["evaluated_split"] == "test" and 0 <= summary["test_acc"] <= 1
+    assert summary["evaluated_split"] == "test" and 0 <= summary["evaluated_acc"] <= 1
     assert json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/result.json")) == summary
     # The stored config is the resolved one, and no credential leaked into anything written.
     assert json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/config.json"))["name"] == "r1"
@@ -236,3 +236,14 @@ def test_a_local_instance_keeps_token_authentication_on(ray_local):
     assert headers, "token authentication is off"
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
         assert r.status == 200
+
+
+def test_an_error_the_user_can_fix_reaches_the_driver_as_itself(s3_data, tmp_path):
+    # A missing file is refused before Ray starts; one that is there but holds no state_dict
+    # fails inside the workers (they load it), yet the caller (and the CLI, which prints it
+    # as one line) gets the WeightsError naming the flag, not Ray's wrapper.
+    with pytest.raises(model.WeightsError, match=r"--weights .*missing\.pt: no such file"):
+        train.fit(_cfg(s3_data, str(tmp_path), "w", weights=str(tmp_path / "missing.pt")))
+    (tmp_path / "junk.pt").write_bytes(b"not a state_dict")
+    with pytest.raises(model.WeightsError, match=r"--weights .*junk\.pt: not a loadable"):
+        train.fit(_cfg(s3_data, str(tmp_path), "w", weights=str(tmp_path / "junk.pt")))

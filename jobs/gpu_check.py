@@ -1,0 +1,260 @@
+"""The GPU path, proven in one command: correctness on the device, speed per image size,
+and (when Ray is importable) a real TorchTrainer run. Prints a table and writes JSON.
+
+    PYTHONPATH=. python jobs/gpu_check.py --out results/gpu_check.json   # one GPU: < 6 min
+    PYTHONPATH=. python jobs/gpu_check.py --device cpu --tiny            # seconds, on CPU (CI)
+
+Needs torch, torchvision, numpy and pyarrow; nothing is installed or fetched, and Ray or
+boto3 are used only if importable. Checks (cifar_ray/devicecheck.py): a two-phase run with
+bf16 autocast + channels_last has finite losses and leaves the backbone bit-identical in
+phase 1; cached features equal float32 ones within bf16 tolerance; augmentation on the
+device is seeded; a checkpoint written there loads on CPU with the same predictions. Speed,
+per image size: phase-1 feature extraction and phase-2 training images/s, eager and
+compiled (torch.compile, as --compile does), peak memory at the default batch, the largest
+batch that fits at 224 px, and model FLOP utilisation against the chip's bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the repo, without an install
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from cifar_ray import data, devicecheck, engine, model  # noqa: E402
+from cifar_ray.config import PrepareConfig  # noqa: E402
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device name.
+BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+             "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def peak_flops(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return platform.processor() or platform.machine(), None
+    name = torch.cuda.get_device_name(device)
+    return name, next((v for k, v in BF16_PEAK.items() if k in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_flops(size: int) -> float:
+    """Model FLOPs of one image's forward pass at size x size (counted, not estimated)."""
+    m = model.Classifier().eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        m(torch.zeros(2, 3, size, size))
+    return counter.get_total_flops() / 2
+
+
+def images(device: torch.device, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8).to(device)
+
+
+def feature_speed(device: torch.device, size: int, batch: int, n: int) -> float:
+    """Phase-1 feature extraction (frozen backbone, bf16), images/s."""
+    m = model.build("none").to(device).to(memory_format=torch.channels_last)
+    x = images(device, n)
+    rt = devicecheck.production_runtime(device)
+
+    def transform(b):
+        return engine.preprocess(b, size, rt.channels_last)
+
+    engine.extract_features(m.backbone, x[:batch], batch_size=batch, transform=transform,
+                            amp_dtype=rt.amp_dtype)  # warm-up: cuDNN picks its kernels
+    sync(device)
+    t0 = time.perf_counter()
+    engine.extract_features(m.backbone, x, batch_size=batch, transform=transform,
+                            amp_dtype=rt.amp_dtype)
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def train_speed(device: torch.device, size: int, batch: int, steps: int, compiled: bool,
+                warmup: int = 3) -> dict:
+    """Phase-2 training steps (whole model, augmentation, bf16, AdamW), images/s after
+    `warmup` steps (which include compilation), and the peak memory of the steps."""
+    m = model.build("none").to(device).to(memory_format=torch.channels_last)
+    model.set_phase(m, 2)
+    m.train()
+    rt = devicecheck.production_runtime(device)
+    step_model = torch.compile(m) if compiled else m
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def transform(b):
+        return engine.preprocess(engine.augment(b, gen), size, rt.channels_last)
+
+    def run(n_steps: int) -> float:
+        x = images(device, batch * n_steps)
+        y = torch.randint(0, 10, (len(x),), device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        engine.train_one_epoch(step_model, x, y, batch_size=batch, optimizer=opt,
+                               scheduler=sched, loss_fn=nn.CrossEntropyLoss(),
+                               transform=transform, gen=torch.Generator().manual_seed(0),
+                               amp_dtype=rt.amp_dtype)
+        sync(device)
+        return time.perf_counter() - t0
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    first = run(warmup)
+    seconds = run(steps)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"images_per_s": batch * steps / seconds, "warmup_s": first,
+            "peak_memory_gib": peak / 2**30 if peak is not None else None}
+
+
+def largest_batch(device: torch.device, size: int, start: int, limit: int) -> int | None:
+    """The largest power-of-two batch (from `start`, up to `limit`) whose training step fits."""
+    fits, batch = None, start
+    while batch <= limit:
+        try:
+            train_speed(device, size, batch, steps=1, compiled=False, warmup=1)
+            fits = batch
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+        batch *= 2
+    return fits
+
+
+def ray_run(device: torch.device, tiny: bool, work: str) -> dict:
+    """jobs/train.py through a real TorchTrainer (1 worker, its GPU), checkpoints on disk."""
+    n = 640 if tiny else 4000
+    data.prepare(PrepareConfig(source="synthetic", data=work, dataset="synthetic",
+                               val_size=n // 5, synthetic_size=n))
+    batch = "64" if tiny else "256"
+    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--data", work,
+           "--dataset", "synthetic", "--storage", os.path.join(work, "runs"),
+           "--name", "gpu-check", "--workers", "1", "--weights", "none",
+           "--phase1-epochs", "1", "--phase2-epochs", "1", "--phase1-batch-size", batch,
+           "--phase2-batch-size", batch, "--phase2-warmup-epochs", "0",
+           "--use-gpu" if device.type == "cuda" else "--no-use-gpu",
+           "--cpus-per-worker", "1" if tiny else "4", "--resource-timeout-s", "0"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    result = Path(work, "runs", "gpu-check", "result.json")
+    if done.returncode != 0 or not result.exists():
+        raise devicecheck.CheckFailed(f"jobs/train.py exited {done.returncode}:\n"
+                                      f"{done.stderr[-3000:]}")
+    summary = json.loads(result.read_text())
+    return {"wall_s": time.perf_counter() - t0, "evaluated_acc": summary["evaluated_acc"],
+            "best_checkpoint": summary["best_checkpoint"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    ap.add_argument("--tiny", action="store_true", help="few images and steps: seconds")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None,
+                    help="image sizes to time (default 32 64 128 224; --tiny: 32)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="per-GPU batch for the speed rows (default 256, the recipe's; "
+                         "--tiny: 16)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
+    ap.add_argument("--no-ray", action="store_true", help="skip the TorchTrainer run")
+    ap.add_argument("--out", default="results/gpu_check.json")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check: --device cuda, but torch sees no CUDA device "
+                 f"(torch {torch.__version__}); use --device cpu --tiny on a CPU machine")
+    device = torch.device(args.device)
+    tiny = args.tiny
+    sizes = args.sizes or ([32] if tiny else [32, 64, 128, 224])
+    batch = args.batch or (16 if tiny else 256)
+    steps = 2 if tiny else 20
+    name, peak = peak_flops(device)
+    report = {"device": name, "bf16_peak_flops": peak, "torch": torch.__version__,
+              "cuda": torch.version.cuda, "tiny": tiny, "checks": {}, "speed": {}}
+    rows: list[tuple[str, str, str]] = []
+    failures = 0
+
+    def attempt(label: str, fn, *a, **kw):
+        nonlocal failures
+        t0 = time.perf_counter()
+        try:
+            out = fn(*a, **kw)
+            rows.append((label, "ok", f"{time.perf_counter() - t0:.1f} s"))
+            return out
+        except Exception as e:  # every check runs and reports; the exit status sums them up
+            failures += 1
+            rows.append((label, "FAILED", f"{type(e).__name__}: {str(e)[:120]}"))
+            traceback.print_exc()
+            return {"error": f"{type(e).__name__}: {e}"}
+
+    print(f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    n = 64 if tiny else 512
+    for check, fn in devicecheck.CHECKS.items():
+        report["checks"][check] = attempt(f"check: {check}", fn, device, n=n)
+
+    compile_ok = not args.no_compile and not (tiny and device.type == "cpu")
+    for size in sizes:
+        fwd = forward_flops(size)
+        row = {"forward_gflops_per_image": fwd / 1e9}
+        row["features_images_per_s"] = attempt(
+            f"{size} px: features", feature_speed, device, size, batch,
+            n=batch * (8 if tiny else 40))
+        for mode in ("eager", "compiled") if compile_ok else ("eager",):
+            r = attempt(f"{size} px: phase-2 training, {mode}", train_speed, device, size,
+                        batch, steps, compiled=mode == "compiled")
+            if "images_per_s" in r and peak:
+                r["mfu"] = r["images_per_s"] * 3 * fwd / peak  # forward + 2x backward
+            row[mode] = r
+        report["speed"][size] = row
+        print(f"{size} px done", flush=True)
+    if device.type == "cuda" and not tiny:
+        report["largest_batch_224"] = attempt("224 px: largest batch", largest_batch, device,
+                                              224, batch, 8192)
+    if args.no_ray or importlib.util.find_spec("ray") is None:
+        report["ray"] = "skipped: " + ("--no-ray" if args.no_ray else "ray is not importable")
+    else:
+        with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
+            report["ray"] = attempt("Ray: TorchTrainer via jobs/train.py", ray_run, device,
+                                    tiny, work)
+
+    print()
+    print(f"{'check':44} {'result':>7}  detail")
+    for label, status, detail in rows:
+        print(f"{label:44} {status:>7}  {detail}")
+    print(f"\n{'size':>5} {'features img/s':>15} {'train eager':>12} {'compiled':>10} "
+          f"{'peak GiB':>9} {'MFU eager':>10} {'MFU comp.':>10}")
+    def cell(x, width: int, digits: int) -> str:
+        return f"{x:{width}.{digits}f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
+
+    for size, r in report["speed"].items():
+        eager, comp = r.get("eager", {}), r.get("compiled", {})
+        print(f"{size:>5} {cell(r['features_images_per_s'], 15, 0)} "
+              f"{cell(eager.get('images_per_s'), 12, 0)} {cell(comp.get('images_per_s'), 10, 0)} "
+              f"{cell(eager.get('peak_memory_gib'), 9, 2)} {cell(eager.get('mfu'), 10, 3)} "
+              f"{cell(comp.get('mfu'), 10, 3)}")
+    if "largest_batch_224" in report:
+        print(f"largest per-GPU batch at 224 px: {report['largest_batch_224']}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {args.out}; {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
