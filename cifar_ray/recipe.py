@@ -118,6 +118,8 @@ def start_epoch(phase: int, pc: PhaseConfig, resume: dict | None) -> int | None:
 
 def phase_inputs(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runtime,
                  phase: int, batch_size: int) -> PhaseInputs:
+    """Freeze or unfreeze for the phase, and say what it trains on: images, or (phase 1
+    with cached features) the backbone's features, computed here once."""
     set_phase(model, phase)
     if not (phase == 1 and cfg.caches_features()):
         return PhaseInputs(model, data.train_x, data.val_x, cached=False, setup_seconds=0.0)

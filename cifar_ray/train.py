@@ -131,8 +131,8 @@ def train_loop_per_worker(config: dict) -> None:
 def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     """Everything that can fail cheaply, before Ray starts: --compile's toolchain, the smoke
     data, the dataset and its splits, batch sizes against it, --weights there, storage
-    writable. Returns the
-    config with absolute local paths (Ray requires them) and the dataset's manifest."""
+    writable. Returns the config with absolute local paths (Ray requires them) and the
+    dataset's manifest."""
     if cfg.compile:
         check_compiler(cfg.use_gpu)
     if cfg.smoke:
@@ -152,7 +152,7 @@ def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
                              f"{n_train} training images allow with --workers {cfg.workers}")
     if cfg.weights not in ("imagenet", "none") and not storage.exists(cfg.weights):
         raise WeightsError(f"--weights {storage.display(cfg.weights)}: no such file "
-                                 "(a ResNet50 state_dict: path or s3:// URI)")
+                           "(a ResNet50 state_dict: path or s3:// URI)")
     storage.check_writable(cfg.storage)
     return cfg, manifest
 

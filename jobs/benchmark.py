@@ -10,6 +10,12 @@ Measures, in one run, on a real CIFAR-10 subset (--per-class images of each clas
      training images/s;
   3. a phase-1 epoch's time divided by a phase-2 epoch's, with and without feature caching.
 Targets on a 2-core machine: (1) >= 0.95, (2) >= 20, (3) <= 0.1 with caching.
+
+    python jobs/benchmark.py --per-class 2000 --long 5      # the per-epoch trend instead
+
+--long EPOCHS trains that many epochs (SGD, the whole prepared split) through TorchTrainer
+and then as a bare loop, and prints every epoch's images/s, each loop's trend (slope per
+epoch), and the CPU seconds Ray's own processes took during each TorchTrainer epoch.
 """
 
 from __future__ import annotations
@@ -96,6 +102,101 @@ def phase_epoch_seconds(cfg: TrainConfig, d: recipe.DeviceSplits, cache: bool,
             "ratio_first": p1[0] / (sum(p2) / len(p2))}
 
 
+# ---------------------------------------------------------------- --long: the per-epoch trend
+
+
+def process_cpu() -> dict[str, float]:
+    """CPU seconds so far of every process below this one, summed by kind: the training
+    worker, Ray's other worker processes (Train's controller and helper actors), raylet,
+    gcs_server, the dashboard and its agents."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(
+                        int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    out: dict[str, float] = {}
+    todo = list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::RayTrainWorker"):
+            kind = "training worker"
+        elif title.startswith("ray::"):
+            kind = "other Ray workers"
+        else:
+            kind = os.path.basename(title.split()[0]) if title else "?"
+            kind = kind if kind in ("raylet", "gcs_server") else "dashboard, agents, other"
+        out[kind] = out.get(kind, 0.0) + (int(stat[11]) + int(stat[12])) / ticks
+    return out
+
+
+def trainer_epochs_with_cpu(cfg: TrainConfig) -> tuple[list[float], list[dict]]:
+    """Images/s of each epoch through TorchTrainer, and the CPU seconds each kind of process
+    below this one used during that epoch (sampled when its metrics.jsonl row appears)."""
+    import threading
+
+    per_epoch, stop = [], threading.Event()
+
+    def sample():
+        last, seen = process_cpu(), 0
+        while not stop.wait(1.0):
+            rows = len(runs.read_metrics(cfg.run_uri()))
+            if rows > seen:
+                now = process_cpu()
+                per_epoch.append({k: now.get(k, 0.0) - last.get(k, 0.0) for k in now})
+                last, seen = now, rows
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        speeds = ray_phase2(cfg)
+    finally:
+        stop.set()
+        t.join()
+    return speeds, per_epoch
+
+
+def trend(values: list[float]) -> float:
+    """Least-squares slope per epoch, as a fraction of the first epoch's value."""
+    n = len(values)
+    mx, my = (n - 1) / 2, sum(values) / n
+    slope = sum((i - mx) * (v - my) for i, v in enumerate(values)) / sum(
+        (i - mx) ** 2 for i in range(n))
+    return slope / values[0]
+
+
+def long_run(cfg: TrainConfig, d: recipe.DeviceSplits, epochs: int) -> dict:
+    """--long: several epochs of the whole split, SGD, through TorchTrainer and bare, one
+    after the other; every epoch's images/s and, under Ray, every process kind's CPU."""
+    sgd = dataclasses.replace(cfg.phase2, epochs=epochs, optimizer="sgd", weight_decay=5e-4)
+    c = dataclasses.replace(cfg, name="long", phase2=sgd)
+    via_ray, cpu = trainer_epochs_with_cpu(c)
+    bare = bare_phase2(c, d)
+    print(f"\n{'epoch':>5} {'TorchTrainer':>13} {'bare':>8}   CPU s of Ray's processes in "
+          "the epoch (besides the training worker)")
+    for i, (r, b) in enumerate(zip(via_ray, bare, strict=True)):
+        others = {k: v for k, v in (cpu[i] if i < len(cpu) else {}).items()
+                  if k != "training worker"}
+        print(f"{i + 1:>5} {r:13.1f} {b:8.1f}   " + ", ".join(
+            f"{k} {v:.1f}" for k, v in sorted(others.items())))
+    print(f"trend per epoch: TorchTrainer {trend(via_ray):+.2%}, bare {trend(bare):+.2%}")
+    return {"epochs": epochs, "trainer_per_epoch": via_ray, "bare_per_epoch": bare,
+            "cpu_seconds_per_epoch": cpu, "trainer_trend": trend(via_ray),
+            "bare_trend": trend(bare)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--source-uri", default="../shared/data/cifar10-train-jpeg.tar.gz")
@@ -103,6 +204,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=3, help="turns of the three loops in (1)")
+    ap.add_argument("--long", type=int, metavar="EPOCHS", default=0,
+                    help="instead: EPOCHS epochs (SGD) through TorchTrainer, then bare, "
+                         "with every epoch's images/s and Ray's processes' CPU per epoch")
     ap.add_argument("--out", default="results/benchmark.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,6 +225,9 @@ def main() -> int:
                            "cpu": platform.processor() or platform.machine(),
                            "torch": torch.__version__},
                "train_images": len(d.train_y), "batch_size": args.batch_size}
+    if args.long:
+        results["long"] = long_run(cfg, d, args.long)
+        return write(results, args.out)
 
     # Steady state: the median of epochs 2-4 (the first includes allocator and, under Ray,
     # freshly started daemons warming up); every epoch's figure is kept in the JSON. The
@@ -191,9 +298,13 @@ def main() -> int:
     print(f"{'measure':54} {'values':>24} {'ratio':>7} {'target':>7}")
     for r in rows:
         print(f"{r[0]:54} {r[1]:>24} {r[2]:>7} {r[3]:>7}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    return write(results, args.out)
+
+
+def write(results: dict, out: str) -> int:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
     return 0
 
 
