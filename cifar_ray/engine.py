@@ -110,10 +110,11 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     loss_sum = torch.zeros((), device=inputs.device)
     correct = torch.zeros((), device=inputs.device, dtype=torch.long)
     count = 0
-    lrs = []
+    lr_start = lr_end = None
     start = time.perf_counter()
     for idx in batch_indices(len(labels), batch_size, gen, drop_last=True):
-        lrs.append(optimizer.param_groups[0]["lr"])  # a host float: no device sync
+        lr_end = optimizer.param_groups[0]["lr"]  # a host float: no device sync
+        lr_start = lr_end if lr_start is None else lr_start
         idx = idx.to(inputs.device, non_blocking=True)
         x, y = transform(inputs[idx]), labels[idx]
         with _autocast(x, amp_dtype):
@@ -131,7 +132,7 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
         torch.cuda.synchronize(inputs.device)
     return {"loss_sum": float(loss_sum), "correct": int(correct), "count": count,
             "seconds": time.perf_counter() - start,
-            "lr_start": lrs[0] if lrs else None, "lr_end": lrs[-1] if lrs else None}
+            "lr_start": lr_start, "lr_end": lr_end}
 
 
 @torch.no_grad()

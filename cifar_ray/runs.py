@@ -84,8 +84,11 @@ def read_metrics(run_uri: str) -> list[dict]:
 def read_runs(folder: str) -> dict[str, tuple[TrainConfig | None, list[dict]]]:
     """Every run under a folder (a sweep's trials): its config (None if not written yet) and
     its per-epoch rows."""
-    return {name: (read_config(run), read_metrics(run))
-            for name in storage.list_dir(folder) for run in [storage.join(folder, name)]}
+    runs = {}
+    for name in storage.list_dir(folder):
+        run = storage.join(folder, name)
+        runs[name] = (read_config(run), read_metrics(run))
+    return runs
 
 
 # ---------------------------------------------------------------- choices made from the files
