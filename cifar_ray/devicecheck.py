@@ -139,7 +139,9 @@ def checkpoint_to_cpu(device: torch.device, n: int = 64) -> dict:
     x = synthetic_splits(device, n, 2).train_x
     cfg = small_config()
     plain = image_transform(cfg, Runtime(device=device), augment=False, gen=None)
-    with torch.no_grad():
+    # float32 on both sides: cuDNN's default TF32 convolutions would differ from the CPU's
+    # by more than a checkpoint round trip may.
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         here = m(plain(x)).float().cpu()
     with tempfile.TemporaryDirectory() as d:
         checkpoint.write_dir({"model": m.state_dict(), "phase": 2, "epoch": 0}, d)

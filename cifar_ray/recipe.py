@@ -59,6 +59,8 @@ class Runtime:
         """Production settings: bf16 autocast and channels_last on CUDA, DDP over several
         ranks (with the device's index on CUDA)."""
         cuda = device.type == "cuda"
+        if cuda:  # every step of a phase has one input shape: let cuDNN pick its fastest kernels
+            torch.backends.cudnn.benchmark = True
 
         def wrap(module: nn.Module) -> nn.Module:
             if world == 1:

@@ -1,5 +1,5 @@
 """The GPU path, proven in one command: correctness on the device, speed per image size,
-and (when Ray is importable) a real TorchTrainer run. Prints a table and writes JSON.
+and (when Ray is importable) real TorchTrainer runs. Prints a table and writes JSON.
 
     PYTHONPATH=. python jobs/gpu_check.py --out results/gpu_check.json   # one GPU: < 6 min
     PYTHONPATH=. python jobs/gpu_check.py --device cpu --tiny            # seconds, on CPU (CI)
@@ -9,9 +9,13 @@ boto3 are used only if importable. Checks (cifar_ray/devicecheck.py): a two-phas
 bf16 autocast + channels_last has finite losses and leaves the backbone bit-identical in
 phase 1; cached features equal float32 ones within bf16 tolerance; augmentation on the
 device is seeded; a checkpoint written there loads on CPU with the same predictions. Speed,
-per image size: phase-1 feature extraction and phase-2 training images/s, eager and
-compiled (torch.compile, as --compile does), peak memory at the default batch, the largest
-batch that fits at 224 px, and model FLOP utilisation against the chip's bf16 peak.
+per image size: phase-1 feature extraction and phase-2 training images/s (the recipe's eager
+step; the same without fused AdamW and cuDNN autotuning; compiled, as --compile does), peak
+memory at the default batch, the largest batch that fits at 224 px, and model FLOP
+utilisation against the chip's bf16 peak. With Ray: the default recipe (10 + 10 epochs at
+32 px, 49,000 synthetic images) through jobs/train.py, eager and --compile. Work is ordered
+most telling first and --budget-s stops new work, so the JSON (written after every step)
+always holds the most important figures.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from cifar_ray import data, devicecheck, engine, model  # noqa: E402
-from cifar_ray.config import PrepareConfig  # noqa: E402
+from cifar_ray import data, devicecheck, engine, model, runs  # noqa: E402
+from cifar_ray.config import PhaseConfig, PrepareConfig  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device name.
 BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
@@ -87,16 +91,23 @@ def feature_speed(device: torch.device, size: int, batch: int, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def train_speed(device: torch.device, size: int, batch: int, steps: int, compiled: bool,
+def train_speed(device: torch.device, size: int, batch: int, steps: int, variant: str,
                 warmup: int = 3) -> dict:
     """Phase-2 training steps (whole model, augmentation, bf16, AdamW), images/s after
-    `warmup` steps (which include compilation), and the peak memory of the steps."""
+    `warmup` steps (which include compilation), and the peak memory of the steps.
+    variant: "eager" (the recipe's: fused AdamW on CUDA, cuDNN autotuned), "compiled"
+    (the same plus torch.compile, as --compile does) or "plain" (foreach AdamW, cuDNN's
+    default heuristics: what the recipe did before it measured the other two)."""
     m = model.build("none").to(device).to(memory_format=torch.channels_last)
     model.set_phase(m, 2)
     m.train()
-    rt = devicecheck.production_runtime(device)
-    step_model = torch.compile(m) if compiled else m
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05)
+    rt = devicecheck.production_runtime(device)  # turns cuDNN autotuning on, as workers do
+    torch.backends.cudnn.benchmark = variant != "plain"
+    step_model = torch.compile(m) if variant == "compiled" else m
+    if variant == "plain":
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05)
+    else:
+        opt = engine.make_optimizer(PhaseConfig(lr=1e-4, weight_decay=0.05), m.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -129,7 +140,7 @@ def largest_batch(device: torch.device, size: int, start: int, limit: int) -> in
     fits, batch = None, start
     while batch <= limit:
         try:
-            train_speed(device, size, batch, steps=1, compiled=False, warmup=1)
+            train_speed(device, size, batch, steps=1, variant="eager", warmup=1)
             fits = batch
         except torch.OutOfMemoryError:
             break
@@ -139,27 +150,44 @@ def largest_batch(device: torch.device, size: int, start: int, limit: int) -> in
     return fits
 
 
-def ray_run(device: torch.device, tiny: bool, work: str) -> dict:
-    """jobs/train.py through a real TorchTrainer (1 worker, its GPU), checkpoints on disk."""
-    n = 640 if tiny else 4000
-    data.prepare(PrepareConfig(source="synthetic", data=work, dataset="synthetic",
-                               val_size=n // 5, synthetic_size=n))
-    batch = "64" if tiny else "256"
-    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--data", work,
+def ray_run(device: torch.device, tiny: bool, work: str, compile: bool = False) -> dict:
+    """jobs/train.py through a real TorchTrainer (1 worker, its GPU), checkpoints on disk.
+    Full size: the default recipe (10 + 10 epochs, batch 256, 32 px) on 49,000 synthetic
+    images, as many as CIFAR-10's train split less the validation carve-out."""
+    n, name = (640, "tiny") if tiny else (50000, "full")
+    data_dir = os.path.join(work, f"data-{name}")
+    if not os.path.exists(data_dir):
+        data.prepare(PrepareConfig(source="synthetic", data=data_dir, dataset="synthetic",
+                                   val_size=n // 5 if tiny else 1000, synthetic_size=n))
+    run = f"gpu-check-{name}{'-compiled' if compile else ''}"
+    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--data", data_dir,
            "--dataset", "synthetic", "--storage", os.path.join(work, "runs"),
-           "--name", "gpu-check", "--workers", "1", "--weights", "none",
-           "--phase1-epochs", "1", "--phase2-epochs", "1", "--phase1-batch-size", batch,
-           "--phase2-batch-size", batch, "--phase2-warmup-epochs", "0",
+           "--name", run, "--workers", "1", "--weights", "none",
            "--use-gpu" if device.type == "cuda" else "--no-use-gpu",
-           "--cpus-per-worker", "1" if tiny else "4", "--resource-timeout-s", "0"]
+           "--cpus-per-worker", "1" if tiny else "8", "--resource-timeout-s", "0"]
+    if tiny:
+        cmd += ["--phase1-epochs", "1", "--phase2-epochs", "1", "--phase1-batch-size", "64",
+                "--phase2-batch-size", "64", "--phase2-warmup-epochs", "0"]
+    if compile:
+        cmd.append("--compile")
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    result = Path(work, "runs", "gpu-check", "result.json")
-    if done.returncode != 0 or not result.exists():
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    folder = Path(work, "runs", run)
+    if done.returncode != 0 or not (folder / runs.RESULT).exists():
         raise devicecheck.CheckFailed(f"jobs/train.py exited {done.returncode}:\n"
                                       f"{done.stderr[-3000:]}")
-    summary = json.loads(result.read_text())
-    return {"wall_s": time.perf_counter() - t0, "evaluated_acc": summary["evaluated_acc"],
+    summary = json.loads((folder / runs.RESULT).read_text())
+    rows = [json.loads(line) for line in (folder / runs.METRICS).read_text().splitlines()]
+
+    def phase(p: int) -> dict:
+        mine = [r for r in rows if r["phase"] == p]
+        return {"epochs": len(mine), "seconds": sum(r["seconds"] for r in mine),
+                "epoch_images_per_s": [round(r["images_per_s"]) for r in mine]}
+
+    return {"wall_s": time.perf_counter() - t0,
+            "training_s": sum(r["seconds"] for r in rows),
+            "phase1": phase(1), "phase2": phase(2),
+            "evaluated_acc": summary["evaluated_acc"],
             "best_checkpoint": summary["best_checkpoint"]}
 
 
@@ -168,12 +196,19 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     ap.add_argument("--tiny", action="store_true", help="few images and steps: seconds")
     ap.add_argument("--sizes", type=int, nargs="+", default=None,
-                    help="image sizes to time (default 32 64 128 224; --tiny: 32)")
+                    help="image sizes to time, in this order (default 32 224 64 128; "
+                         "--tiny: 32)")
+    ap.add_argument("--compile-sizes", type=int, nargs="*", default=[32, 224],
+                    help="sizes that also get a compiled row (default 32 224: each compile "
+                         "of ResNet50 takes a minute or more)")
     ap.add_argument("--batch", type=int, default=None,
                     help="per-GPU batch for the speed rows (default 256, the recipe's; "
                          "--tiny: 16)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
-    ap.add_argument("--no-ray", action="store_true", help="skip the TorchTrainer run")
+    ap.add_argument("--no-ray", action="store_true", help="skip the TorchTrainer runs")
+    ap.add_argument("--budget-s", type=float, default=330,
+                    help="start nothing new after this many seconds: what is left is "
+                         "reported as skipped (default 330: the whole check ends < 6 min)")
     ap.add_argument("--out", default="results/gpu_check.json")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -181,17 +216,27 @@ def main() -> int:
                  f"(torch {torch.__version__}); use --device cpu --tiny on a CPU machine")
     device = torch.device(args.device)
     tiny = args.tiny
-    sizes = args.sizes or ([32] if tiny else [32, 64, 128, 224])
+    sizes = args.sizes or ([32] if tiny else [32, 224, 64, 128])
     batch = args.batch or (16 if tiny else 256)
-    steps = 2 if tiny else 20
+    steps = 2 if tiny else 50
+    deadline = time.monotonic() + args.budget_s
     name, peak = peak_flops(device)
     report = {"device": name, "bf16_peak_flops": peak, "torch": torch.__version__,
-              "cuda": torch.version.cuda, "tiny": tiny, "checks": {}, "speed": {}}
+              "cuda": torch.version.cuda, "tiny": tiny, "batch": batch, "checks": {},
+              "speed": {}, "skipped": []}
     rows: list[tuple[str, str, str]] = []
     failures = 0
 
+    def save() -> None:  # after every step: a check cut short still leaves what it measured
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+
     def attempt(label: str, fn, *a, **kw):
         nonlocal failures
+        if time.monotonic() > deadline:
+            rows.append((label, "skipped", f"past --budget-s {args.budget_s:.0f}"))
+            report["skipped"].append(label)
+            return {"skipped": "time budget"}
         t0 = time.perf_counter()
         try:
             out = fn(*a, **kw)
@@ -202,6 +247,11 @@ def main() -> int:
             rows.append((label, "FAILED", f"{type(e).__name__}: {str(e)[:120]}"))
             traceback.print_exc()
             return {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            print(f"{label}: {rows[-1][1]} ({rows[-1][2]})", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            save()
 
     print(f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     n = 64 if tiny else 512
@@ -209,49 +259,68 @@ def main() -> int:
         report["checks"][check] = attempt(f"check: {check}", fn, device, n=n)
 
     compile_ok = not args.no_compile and not (tiny and device.type == "cpu")
-    for size in sizes:
+
+    def speed(size: int) -> None:
         fwd = forward_flops(size)
-        row = {"forward_gflops_per_image": fwd / 1e9}
+        row = report["speed"][size] = {"forward_gflops_per_image": fwd / 1e9}
         row["features_images_per_s"] = attempt(
             f"{size} px: features", feature_speed, device, size, batch,
-            n=batch * (8 if tiny else 40))
-        for mode in ("eager", "compiled") if compile_ok else ("eager",):
-            r = attempt(f"{size} px: phase-2 training, {mode}", train_speed, device, size,
-                        batch, steps, compiled=mode == "compiled")
+            n=batch * (8 if tiny else 100))
+        variants = ["eager"] + (["plain"] if device.type == "cuda" else [])
+        variants += ["compiled"] if compile_ok and size in args.compile_sizes else []
+        for variant in variants:
+            r = attempt(f"{size} px: phase-2 training, {variant}", train_speed, device, size,
+                        batch, steps, variant)
             if "images_per_s" in r and peak:
                 r["mfu"] = r["images_per_s"] * 3 * fwd / peak  # forward + 2x backward
-            row[mode] = r
-        report["speed"][size] = row
-        print(f"{size} px done", flush=True)
-    if device.type == "cuda" and not tiny:
-        report["largest_batch_224"] = attempt("224 px: largest batch", largest_batch, device,
-                                              224, batch, 8192)
-    if args.no_ray or importlib.util.find_spec("ray") is None:
-        report["ray"] = "skipped: " + ("--no-ray" if args.no_ray else "ray is not importable")
-    else:
-        with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
+            row[variant] = r
+
+    ray_ok = not args.no_ray and importlib.util.find_spec("ray") is not None
+    report["ray"] = ("skipped: " + ("--no-ray" if args.no_ray else "ray is not importable")
+                     if not ray_ok else {})
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
+        # Most telling first, so that a short budget cuts the least: the sizes the targets
+        # name, the largest batch, the real TorchTrainer run, then the rest.
+        for size in sizes[:2]:
+            speed(size)
+        if device.type == "cuda" and not tiny:
+            report["largest_batch_224"] = attempt("224 px: largest batch", largest_batch,
+                                                  device, 224, batch, 8192)
+        if ray_ok:
             report["ray"] = attempt("Ray: TorchTrainer via jobs/train.py", ray_run, device,
                                     tiny, work)
+        for size in sizes[2:]:
+            speed(size)
+        if ray_ok and compile_ok:
+            report["ray_compiled"] = attempt("Ray: TorchTrainer via jobs/train.py --compile",
+                                             ray_run, device, tiny, work, compile=True)
 
     print()
-    print(f"{'check':44} {'result':>7}  detail")
+    print(f"{'check':48} {'result':>7}  detail")
     for label, status, detail in rows:
-        print(f"{label:44} {status:>7}  {detail}")
-    print(f"\n{'size':>5} {'features img/s':>15} {'train eager':>12} {'compiled':>10} "
-          f"{'peak GiB':>9} {'MFU eager':>10} {'MFU comp.':>10}")
+        print(f"{label:48} {status:>7}  {detail}")
+
     def cell(x, width: int, digits: int) -> str:
         return f"{x:{width}.{digits}f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
 
-    for size, r in report["speed"].items():
-        eager, comp = r.get("eager", {}), r.get("compiled", {})
+    print(f"\n{'size':>5} {'features img/s':>15} {'train plain':>12} {'eager':>8} "
+          f"{'compiled':>9} {'peak GiB':>9} {'MFU eager':>10} {'MFU comp.':>10}")
+    for size in sorted(report["speed"]):
+        r = report["speed"][size]
+        plain, eager, comp = (r.get(k, {}) for k in ("plain", "eager", "compiled"))
         print(f"{size:>5} {cell(r['features_images_per_s'], 15, 0)} "
-              f"{cell(eager.get('images_per_s'), 12, 0)} {cell(comp.get('images_per_s'), 10, 0)} "
-              f"{cell(eager.get('peak_memory_gib'), 9, 2)} {cell(eager.get('mfu'), 10, 3)} "
-              f"{cell(comp.get('mfu'), 10, 3)}")
+              f"{cell(plain.get('images_per_s'), 12, 0)} {cell(eager.get('images_per_s'), 8, 0)} "
+              f"{cell(comp.get('images_per_s'), 9, 0)} {cell(eager.get('peak_memory_gib'), 9, 2)} "
+              f"{cell(eager.get('mfu'), 10, 3)} {cell(comp.get('mfu'), 10, 3)}")
     if "largest_batch_224" in report:
         print(f"largest per-GPU batch at 224 px: {report['largest_batch_224']}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    for key in ("ray", "ray_compiled"):
+        r = report.get(key)
+        if isinstance(r, dict) and "training_s" in r:
+            print(f"{key}: {r['phase1']['epochs']} + {r['phase2']['epochs']} epochs at 32 px: "
+                  f"{r['training_s']:.1f} s training ({r['phase2']['seconds']:.1f} s "
+                  f"phase 2), {r['wall_s']:.0f} s wall")
+    save()
     print(f"wrote {args.out}; {failures} failed")
     return 1 if failures else 0
 

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from cifar_ray import engine
@@ -74,6 +75,23 @@ def test_optimizers_only_take_trainable_params():
     for name in ("adamw", "adam", "sgd"):
         opt = engine.make_optimizer(PhaseConfig(optimizer=name), [a, b])
         assert opt.param_groups[0]["params"] == [a]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")])])
+def test_adam_is_fused_on_cuda_only_and_steps_the_same(device):
+    """Fused Adam(W) on CUDA (one kernel for all tensors); on CPU the default. Either way
+    one step moves the weights as the reference update does."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, device=device))
+    ref = torch.nn.Parameter(w.detach().clone())
+    opt = engine.make_optimizer(PhaseConfig(optimizer="adamw", lr=0.1, weight_decay=0.05), [w])
+    plain = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.05, foreach=False)
+    assert bool(opt.defaults.get("fused")) == (device == "cuda")
+    for p, o in ((w, opt), (ref, plain)):
+        p.grad = torch.linspace(-1, 1, 64, device=device)
+        o.step()
+    torch.testing.assert_close(w, ref)
 
 
 def test_train_one_epoch_learns_and_evaluate_counts():
