@@ -231,7 +231,8 @@ class TrainConfig(_Config):
     cache_features: bool = _f(True, "phase 1: compute frozen-backbone features once and train "
                               "the head on them (needs --no-phase1-augment)")
     compile: bool = _f(False, "torch.compile the module each phase trains (compiled again at "
-                       "the phase boundary); needs a C++ compiler on CPU, triton on GPU")
+                       "the phase boundary; CUDA graphs on GPUs); needs a C++ compiler on "
+                       "CPU, triton on GPU")
     init_checkpoint: str | None = _f(None, "start from this checkpoint (path/URI) when the run "
                                      "has none of its own; sweeps pass their shared phase 1")
     keep_checkpoints: int = _f(2, "checkpoints kept (best by val accuracy)")

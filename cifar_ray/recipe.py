@@ -171,7 +171,7 @@ def run_phases(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runt
         inputs = phase_inputs(cfg, model, data, rt, phase, eval_batch)
         wrapped = rt.wrap(inputs.module)  # (re)wrapped per phase: DDP keeps the params it saw
         if cfg.compile:  # per phase too: each phase trains another module (or a frozen part)
-            wrapped = torch.compile(wrapped)
+            wrapped = compile_module(wrapped, rt.device)
         optimizer = engine.make_optimizer(pc, inputs.module.parameters())
         scheduler = engine.make_scheduler(optimizer, pc, steps)
         if resume and resume["phase"] == phase:
@@ -195,6 +195,18 @@ def run_phases(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runt
             report(metrics, functools.partial(checkpoint_state, cfg, model, optimizer,
                                               scheduler, phase, epoch, history))
     return history
+
+
+def compile_module(module: nn.Module, device: torch.device) -> nn.Module:
+    """torch.compile for --compile. On CUDA with CUDA graphs ("reduce-overhead"): ResNet50
+    at 32 px is launch-bound, and replaying a step's hundreds of kernels as one graph is
+    what pays (H200, batch 256: 51k img/s against 14.5k eager; inductor's default mode
+    alone was slower than eager, 10k). The batch shape is fixed (drop_last), so one graph
+    per phase. On CPU there are no CUDA graphs: the default mode."""
+    # A fresh Dynamo cache: both phases (and every run in a process) start from static
+    # shapes, instead of recompiling with dynamic ones after a shape change.
+    torch._dynamo.reset()
+    return torch.compile(module, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
 def out_of_memory(cfg: TrainConfig, rt: Runtime, phase: int, per_rank_batch: int

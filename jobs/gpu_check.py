@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from cifar_ray import data, devicecheck, engine, model, runs  # noqa: E402
+from cifar_ray import data, devicecheck, engine, model, recipe, runs  # noqa: E402
 from cifar_ray.config import PhaseConfig, PrepareConfig  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device name.
@@ -96,14 +96,14 @@ def train_speed(device: torch.device, size: int, batch: int, steps: int, variant
     """Phase-2 training steps (whole model, augmentation, bf16, AdamW), images/s after
     `warmup` steps (which include compilation), and the peak memory of the steps.
     variant: "eager" (the recipe's: fused AdamW on CUDA, cuDNN autotuned), "compiled"
-    (the same plus torch.compile, as --compile does) or "plain" (foreach AdamW, cuDNN's
+    (the same plus torch.compile with CUDA graphs, as --compile does) or "plain" (foreach AdamW, cuDNN's
     default heuristics: what the recipe did before it measured the other two)."""
     m = model.build("none").to(device).to(memory_format=torch.channels_last)
     model.set_phase(m, 2)
     m.train()
     rt = devicecheck.production_runtime(device)  # turns cuDNN autotuning on, as workers do
     torch.backends.cudnn.benchmark = variant != "plain"
-    step_model = torch.compile(m) if variant == "compiled" else m
+    step_model = recipe.compile_module(m, device) if variant == "compiled" else m
     if variant == "plain":
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05)
     else:
@@ -198,9 +198,9 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=None,
                     help="image sizes to time, in this order (default 32 224 64 128; "
                          "--tiny: 32)")
-    ap.add_argument("--compile-sizes", type=int, nargs="*", default=[32, 224],
-                    help="sizes that also get a compiled row (default 32 224: each compile "
-                         "of ResNet50 takes a minute or more)")
+    ap.add_argument("--compile-sizes", type=int, nargs="*", default=[32],
+                    help="sizes that also get a compiled row (default 32, where compiling "
+                         "pays; each compile of ResNet50 takes 30 s to 2 min)")
     ap.add_argument("--batch", type=int, default=None,
                     help="per-GPU batch for the speed rows (default 256, the recipe's; "
                          "--tiny: 16)")
@@ -283,6 +283,10 @@ def main() -> int:
         # name, the largest batch, the real TorchTrainer run, then the rest.
         for size in sizes[:2]:
             speed(size)
+        if compile_ok:  # --compile through recipe.run_phases: both phases, CUDA graphs
+            report["checks"]["two_phases_compiled"] = attempt(
+                "check: two_phases, --compile", devicecheck.two_phases, device, n=n,
+                compile=True)
         if device.type == "cuda" and not tiny:
             report["largest_batch_224"] = attempt("224 px: largest batch", largest_batch,
                                                   device, 224, batch, 8192)
