@@ -95,9 +95,9 @@ def train_speed(device: torch.device, size: int, batch: int, steps: int, variant
                 warmup: int = 3) -> dict:
     """Phase-2 training steps (whole model, augmentation, bf16, AdamW), images/s after
     `warmup` steps (which include compilation), and the peak memory of the steps.
-    variant: "eager" (the recipe's: fused AdamW on CUDA, cuDNN autotuned), "compiled"
-    (the same plus torch.compile with CUDA graphs, as --compile does) or "plain" (foreach AdamW, cuDNN's
-    default heuristics: what the recipe did before it measured the other two)."""
+    variant: "eager" (the recipe's: fused AdamW on CUDA, cuDNN autotuned), "compiled" (the
+    same plus torch.compile with CUDA graphs, as --compile does) or "plain" (foreach AdamW,
+    cuDNN's default heuristics: what the recipe did before it measured the other two)."""
     m = model.build("none").to(device).to(memory_format=torch.channels_last)
     model.set_phase(m, 2)
     m.train()
