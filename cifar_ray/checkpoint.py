@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import posixpath
 
+import pyarrow.fs as pafs
 import torch
 
 from cifar_ray import storage
@@ -58,8 +60,37 @@ def load_dir(directory: str) -> dict:
         return _load(f.read(), digest, directory)
 
 
+def load_fs(fs: pafs.FileSystem, path: str, label: str | None = None) -> dict:
+    """A checkpoint folder of a pyarrow filesystem (where Ray keeps a run's checkpoints),
+    read in a few parallel requests, each retried on connection failures."""
+    label = label or path
+    digest_path = posixpath.join(path, DIGEST)
+    try:
+        digest = storage.read_file(fs, digest_path, f"{label}/{DIGEST}").decode()
+    except storage.StorageError as e:
+        if not isinstance(e.__cause__, FileNotFoundError):
+            raise
+        digest = None
+    try:
+        data = storage.read_file(fs, posixpath.join(path, STATE), f"{label}/{STATE}")
+    except storage.StorageError as e:
+        if not isinstance(e.__cause__, FileNotFoundError):
+            raise
+        raise CheckpointError(f"{label}: no {STATE}; not a cifar_ray checkpoint") from e
+    return _load(data, digest, label)
+
+
 def load_uri(uri: str) -> dict:
     """A checkpoint folder on a local path or s3://."""
-    digest_uri = storage.join(uri, DIGEST)
-    digest = storage.read_bytes(digest_uri).decode() if storage.exists(digest_uri) else None
-    return _load(storage.read_bytes(storage.join(uri, STATE)), digest, storage.display(uri))
+    fs, path = storage.resolve(uri)
+    return load_fs(fs, path, storage.display(uri))
+
+
+def upload_dir(directory: str, fs: pafs.FileSystem, dest: str, local: bool) -> None:
+    """Copy a checkpoint folder written by write_dir to `dest` on `fs`: the state first and
+    its digest last, each write retried on connection failures. A checkpoint whose upload
+    stopped part way has no digest (or one for other bytes) and is never loaded."""
+    for name in (STATE, DIGEST):
+        with open(os.path.join(directory, name), "rb") as f:
+            storage.write_file(fs, posixpath.join(dest, name), f.read(), local=local,
+                               label=posixpath.join(dest, name))

@@ -236,7 +236,11 @@ class TrainConfig(_Config):
     init_checkpoint: str | None = _f(None, "start from this checkpoint (path/URI) when the run "
                                      "has none of its own; sweeps pass their shared phase 1")
     keep_checkpoints: int = _f(2, "checkpoints kept (best by val accuracy)")
-    max_failures: int = _f(0, "worker-group restarts from the latest checkpoint before failing")
+    max_failures: int = _f(3, "worker-group restarts from the latest checkpoint before "
+                           "failing (a lost node, storage down past --storage-retry-s); Ray "
+                           "counts notified spot preemptions apart, without limit")
+    storage_retry_s: float = _f(120.0, "seconds each storage read or write keeps retrying "
+                                "dropped connections before the attempt fails")
     resource_timeout_s: float = _f(120.0, "seconds to wait for the cluster to offer the "
                                    "requested workers (autoscaling) before failing")
     log_level: str = _f("INFO", "level of cifar_ray's own log lines, on the driver and on "

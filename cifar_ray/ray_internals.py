@@ -19,6 +19,10 @@ RayInternalsError naming it and this file.
    after its file, which LoggingConfig's filter (for "ray.train.*") misses.
 6. For tests: auth_headers(), dashboard_url(), prepare_autoscaler_config(),
    validate_autoscaler_config().
+7. run_storage(): where a Train worker's run folder lives (filesystem, path), from the
+   StorageContext that TrainContext.get_storage() returns (a DeveloperAPI), for our
+   checkpoint upload (train.upload_checkpoint).
+8. For the multi-node tests: raylet_pid(node) of a ray.cluster_utils.Cluster node.
 """
 
 from __future__ import annotations
@@ -121,3 +125,28 @@ def prepare_autoscaler_config(config: dict) -> dict:
 def validate_autoscaler_config(config: dict) -> None:
     """Ray's own jsonschema validation of a prepared cluster config."""
     _private("ray.autoscaler._private.util", "validate_config")(config)
+
+
+# 7. The run folder of a Train worker, for checkpoint_upload_fn.
+def run_storage():
+    """(pyarrow filesystem, run folder path on it) of the current Ray Train run."""
+    import ray.train
+
+    try:
+        where = ray.train.get_context().get_storage()
+        return where.storage_filesystem, where.experiment_fs_path
+    except AttributeError as e:
+        raise RayInternalsError(
+            f"Ray {ray.__version__}: TrainContext.get_storage() no longer gives "
+            f"storage_filesystem/experiment_fs_path ({e}); update cifar_ray/ray_internals.py"
+        ) from e
+
+
+# 8. Tests: the raylet of one node of a ray.cluster_utils.Cluster (its workers are children).
+def raylet_pid(node) -> int:
+    try:
+        return node.all_processes["raylet"][0].process.pid
+    except (AttributeError, KeyError, IndexError) as e:
+        raise RayInternalsError(f"Ray {ray.__version__}: a cluster_utils node no longer lists "
+                                f"its raylet in all_processes ({e}); update "
+                                "cifar_ray/ray_internals.py") from e

@@ -14,10 +14,13 @@ import importlib.util
 import io
 import logging
 import os
+import posixpath
+import re
 import shutil
 import tempfile
 import time
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
@@ -67,13 +70,26 @@ def check_init_compatible(cfg: TrainConfig, stored: dict, uri: str) -> None:
             f"--init-checkpoint {storage.display(uri)}: trained with different {', '.join(diff)}")
 
 
+def latest_checkpoint(run_uri: str) -> str | None:
+    """The newest checkpoint of a run whose upload completed (its digest, written last, is
+    there). Ray's own latest can be older: a worker's report reaches the controller on its
+    next poll, and a node lost in between takes that registration with it, not the files."""
+    done = []
+    for name in storage.list_dir(run_uri):
+        m = re.fullmatch(r"checkpoint-p(\d+)-e(\d+)", name)
+        if m and storage.exists(storage.join(run_uri, name, checkpoint.DIGEST)):
+            done.append((int(m[1]), int(m[2]), name))
+    return storage.join(run_uri, max(done)[2]) if done else None
+
+
 def resume_point(cfg: TrainConfig) -> tuple[dict | None, str | None]:
-    """(checkpoint state, where from): this run's latest checkpoint, else --init-checkpoint
-    (a sweep trial starts from the shared phase 1), else nothing."""
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            return checkpoint.load_dir(d), ckpt.path
+    """(checkpoint state, where from): this run's newest complete checkpoint (Ray restarted
+    the run, or it is being resumed by name; Ray's get_checkpoint() may be older, see
+    latest_checkpoint), else --init-checkpoint (a sweep trial starts from the shared phase
+    1), else nothing."""
+    newest = latest_checkpoint(cfg.run_uri())
+    if newest is not None:  # read in place: a few parallel GETs, no local copy
+        return checkpoint.load_uri(newest), storage.display(newest)
     if cfg.init_checkpoint:
         state = checkpoint.load_uri(cfg.init_checkpoint)
         check_init_compatible(cfg, state["config"], cfg.init_checkpoint)
@@ -81,19 +97,31 @@ def resume_point(cfg: TrainConfig) -> tuple[dict | None, str | None]:
     return None, None
 
 
+def upload_checkpoint(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+    """ray.train.report's upload, ours: Ray's does not retry (ray-project/ray#47939); this
+    retries each object through storage outages of up to --storage-retry-s and writes the
+    digest last, so Ray only registers a checkpoint whose every byte has arrived."""
+    fs, run_folder = ray_internals.run_storage()
+    dest = posixpath.join(run_folder, dir_name)
+    checkpoint.upload_dir(ckpt.path, fs, dest, local=isinstance(fs, pafs.LocalFileSystem))
+    return ray.train.Checkpoint(dest, fs)
+
+
 def reporter(run_uri: str, rank: int):
     """The recipe's report callback: every rank reports (report is a barrier); rank 0 also
-    writes the checkpoint and our own metrics.jsonl (Result.metrics keeps only the last)."""
+    writes the checkpoint, then our own metrics.jsonl (Result.metrics keeps only the last)."""
     def report(metrics: dict, state) -> None:
         with tempfile.TemporaryDirectory() as d:
-            ckpt = None
+            ckpt = history = None
             if rank == 0:
                 st = state()
                 checkpoint.write_dir(st, d)
-                ckpt = ray.train.Checkpoint.from_directory(d)
-                runs.write_metrics(run_uri, st["history"])
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=runs.checkpoint_name(
-                metrics["phase"], metrics["epoch"]))
+                ckpt, history = ray.train.Checkpoint.from_directory(d), st["history"]
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=upload_checkpoint,
+                             checkpoint_dir_name=runs.checkpoint_name(metrics["phase"],
+                                                                      metrics["epoch"]))
+            if history is not None:  # after the checkpoint: a metrics row implies its checkpoint
+                runs.write_metrics(run_uri, history)
     return report
 
 
@@ -108,7 +136,9 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(cfg.cpus_per_worker)
     rt = Runtime.for_device(device, rank, world)
-    splits, num_classes = load_device_splits(cfg, rank, world, device)
+    storage.RETRY_S = cfg.storage_retry_s
+    splits, num_classes = storage.retrying(cfg.dataset_uri(), "reading the dataset",
+                                           lambda: load_device_splits(cfg, rank, world, device))
     model = build(cfg.weights, cfg.weights_sha256, num_classes, cfg.seed).to(device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -173,7 +203,7 @@ def check_compiler(gpu: bool) -> None:
 
 
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrainer:
-    storage_path, storage_fs = storage.for_ray(cfg.storage)
+    storage_path, storage_fs = storage.for_ray(cfg.storage, cfg.storage_retry_s)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
@@ -248,6 +278,7 @@ def run_and_evaluate(cfg: TrainConfig, manifest: dict) -> dict:
 def fit(cfg: TrainConfig) -> dict:
     """Train a run end to end and return its result.json contents."""
     cfg, manifest = preflight(cfg.with_smoke())
+    storage.RETRY_S = cfg.storage_retry_s
     runs.check_run(cfg)
     with cluster.session(cfg):
         return run_and_evaluate(cfg, manifest)

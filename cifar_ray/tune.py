@@ -119,6 +119,7 @@ def sweep(cfg: SweepConfig) -> dict:
     """Run (or resume) the sweep end to end; returns best.json's contents."""
     cfg = cfg.with_smoke()
     t, manifest = train.preflight(cfg.train)
+    storage.RETRY_S = t.storage_retry_s
     cfg = dataclasses.replace(cfg, train=t)
     phase1_config(cfg)  # derived configs validate here, before Ray starts
     resuming = runs.check_experiment(cfg)
@@ -142,7 +143,7 @@ def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool) -> dict:
     # A trial only drives its TorchTrainer, whose workers reserve the CPUs/GPUs. Tune refuses
     # an empty request, so the driver asks for a token 1 MiB of memory and no CPU.
     trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": 2**20})
-    storage_path, storage_fs = storage.for_ray(t.storage)
+    storage_path, storage_fs = storage.for_ray(t.storage, t.storage_retry_s)
     exp_path = storage.for_ray(exp)[0]
     if resuming and tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
         log.info(f"resuming experiment {storage.display(exp)}")

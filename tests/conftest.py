@@ -12,9 +12,11 @@ from __future__ import annotations
 import io
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -205,3 +207,106 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+class TcpProxy:
+    """A real TCP proxy on loopback in front of a server, for storage outages: `cut()`
+    resets every open connection and every new one until `restore()`. `cut_after(n)` lets
+    n more bytes through from clients, then cuts (mid-request, mid-upload)."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.lock = threading.Lock()
+        self.conns: set[socket.socket] = set()
+        self.up = True
+        self.budget: int | None = None  # client bytes still let through, None: no limit
+        self.accepted = 0
+        self.sent = 0  # bytes from clients so far
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @staticmethod
+    def _reset(s: socket.socket) -> None:
+        try:  # SO_LINGER 0: close with a RST, as a dropped connection looks to the client
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        except OSError:
+            pass
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+                if not self.up:
+                    self._reset(client)
+                    continue
+                try:
+                    upstream = socket.create_connection(self.target, timeout=10)
+                except OSError:
+                    self._reset(client)
+                    continue
+                self.conns |= {client, upstream}
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while chunk := src.recv(65536):
+                if from_client:
+                    with self.lock:
+                        self.sent += len(chunk)
+                        if self.budget is not None:
+                            self.budget -= len(chunk)
+                            if self.budget < 0:
+                                self._cut_locked()
+                                return
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                for s in (src, dst):
+                    if s in self.conns:
+                        self.conns.discard(s)
+                        self._reset(s)
+
+    def _cut_locked(self) -> None:
+        self.up, self.budget = False, None
+        for s in list(self.conns):
+            self._reset(s)
+        self.conns.clear()
+
+    def cut(self) -> None:
+        with self.lock:
+            self._cut_locked()
+
+    def cut_after(self, n_bytes: int) -> None:
+        with self.lock:
+            self.budget = n_bytes
+
+    def restore(self) -> None:
+        with self.lock:
+            self.up = True
+
+    def close(self) -> None:
+        self.closed = True
+        self.cut()
+        self.server.close()
+
+
+@pytest.fixture
+def s3_proxy(s3_server):
+    """A TcpProxy in front of the S3 server; point a URI at it with `?endpoint_override=`."""
+    port = int(s3_server.rsplit(":", 1)[1])
+    proxy = TcpProxy(port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

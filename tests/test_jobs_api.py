@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -168,6 +169,11 @@ def _all_objects(bucket: str) -> dict[str, bytes]:
             for p in pages for o in p.get("Contents", [])}
 
 
+def _keys(bucket: str) -> set[str]:
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return {o["Key"] for p in pages for o in p.get("Contents", [])}
+
+
 def test_smoke_sweep_submitted_through_the_jobs_api_lands_in_s3(head, workdir, bucket, capsys):
     job = head.submit(workdir, "python", "jobs/tune.py", "--smoke",
                       "--data", f"s3://{bucket}/datasets",
@@ -235,6 +241,40 @@ def test_use_gpu_on_a_cluster_without_gpus_fails_at_once(head, workdir, s3_data,
     logs = head.client.get_job_logs(job)
     assert "GPU: need 2, cluster has 0, and no autoscaler can add nodes" in logs, logs[-3000:]
     assert "drop --use-gpu" in logs
+
+
+def test_a_stopped_job_submitted_again_resumes_where_it_stopped(head, workdir, s3_data,
+                                                                bucket):
+    """`ray job stop` mid-run, then the very same `ray job submit`: the second job resumes
+    from the first one's latest checkpoint instead of starting over."""
+    args = ["python", "jobs/train.py", "--data", s3_data, "--dataset", "tiny", "--storage",
+            f"s3://{bucket}/runs", "--name", "stopped", "--workers", "2", "--weights", "none",
+            "--phase1-epochs", "1", "--phase2-epochs", "8", "--phase1-batch-size", "64",
+            "--phase2-batch-size", "64", "--phase2-optimizer", "sgd"]
+    first = head.submit(workdir, *args)
+    wait_until(lambda: "runs/stopped/checkpoint-p2-e000/state.pt.sha256" in _keys(bucket),
+               900, "phase 2's first checkpoint")
+    done = head.cli("job", "stop", "--address", head.address, first)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert head.wait(first, 300) == JobStatus.STOPPED
+    assert "runs/stopped/result.json" not in _keys(bucket)
+
+    submitted = time.monotonic()
+    second = head.submit(workdir, *args)
+    def metrics() -> str:
+        return boto3.client("s3").get_object(Bucket=bucket, Key="runs/stopped/metrics.jsonl"
+                                             )["Body"].read().decode()
+
+    wait_until(lambda: "restored_from" in metrics() or head.client.get_job_status(second)
+               in (JobStatus.FAILED, JobStatus.STOPPED), 900, "the resumed job's first epoch")
+    print(f"FAULT job stopped: the resubmitted job's first epoch stored "
+          f"{time.monotonic() - submitted:.1f} s after its submission")
+    assert head.wait(second, 900) == JobStatus.SUCCEEDED, head.client.get_job_logs(second)
+    rows = [json.loads(x) for x in metrics().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0)] + [(2, e) for e in range(8)]
+    restored = [r["restored_from"] for r in rows if "restored_from" in r]
+    assert len(restored) == 1 and (restored[0]["phase"], restored[0]["epoch"]) >= (2, 0)
+    assert "runs/stopped/result.json" in _keys(bucket)
 
 
 def test_jobs_api_refuses_requests_without_the_token(head, workdir):

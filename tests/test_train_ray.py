@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import boto3
@@ -162,6 +163,33 @@ def test_killed_worker_with_max_failures_resumes_from_its_checkpoint(s3_data, bu
     assert rows[restored[0]]["restored_from"] == {"phase": before["phase"],
                                                   "epoch": before["epoch"]}
     assert out["summary"]["epochs"] == 4
+
+
+def test_a_storage_outage_during_training_costs_no_restart_and_no_epoch(
+        s3_data, bucket, s3_proxy, capfd):
+    """Every connection to the run's storage reset for 10 s once its first checkpoint is
+    stored: the writes in flight (metrics, the next checkpoint's upload) retry until storage
+    is back, and the run finishes with no worker-group restart (none allowed here)."""
+    root = f"s3://{bucket}/runs?endpoint_override={s3_proxy.endpoint}"
+    cfg = _cfg(s3_data, root, "outage", max_failures=0, storage_retry_s=90,
+               phase2=PhaseConfig(epochs=3, lr=1e-3, optimizer="sgd", batch_size=64))
+    t, out = _fit_in_thread(cfg)
+    wait_until(lambda: "runs/outage/checkpoint-p1-e000/state.pt.sha256"
+               in _keys(bucket, "runs/outage/"), 600, "the first checkpoint")
+    cut = time.monotonic()
+    s3_proxy.cut()
+    threading.Timer(10, s3_proxy.restore).start()
+    wait_until(lambda: "runs/outage/checkpoint-p2-e000/state.pt.sha256"
+               in _keys(bucket, "runs/outage/"), 600, "the next checkpoint")
+    print(f"FAULT storage outage of 10 s: the next checkpoint stored {time.monotonic() - cut:.1f}"
+          " s after the cut")
+    t.join(timeout=1200)
+    assert not t.is_alive() and "error" not in out, out.get("error")
+    rows = _rows(cfg.run_uri())
+    assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1), (2, 2)]
+    assert not any("restored_from" in r for r in rows)
+    captured = capfd.readouterr()
+    assert "retrying in" in captured.out + captured.err  # the outage did hit a write
 
 
 def test_failed_run_resumes_by_name_and_refuses_a_changed_recipe(s3_data, tmp_path):
