@@ -90,10 +90,14 @@ class _ForRay(pafs.FileSystemHandler):
       never resumes half an object."""
 
     def __init__(self, fs: pafs.FileSystem, retry_s: float):
-        self.fs, self.retry_s = fs, retry_s
+        # Ray calls this filesystem from pyarrow's IO threads (copy_files syncing Tune's
+        # experiment folder): a write here that queued its upload on those same threads (S3's
+        # background writes) would wait for itself once they are all busy, so its writes
+        # upload in the calling thread. Our own writes (_unwrapped) keep the original.
+        self.original, self.fs, self.retry_s = fs, _synchronous(fs), retry_s
 
     def __reduce__(self):  # travels to Ray's controller and workers with its retry window
-        return _ForRay, (self.fs, self.retry_s)
+        return _ForRay, (self.original, self.retry_s)
 
     def _retry(self, what: str, path, fn: Callable[[], T]) -> T:
         return retrying(str(path), what, fn, self.retry_s, raw=True)
@@ -253,8 +257,16 @@ def exists(uri: str) -> bool:
 def _unwrapped(fs: pafs.FileSystem) -> pafs.FileSystem:
     """The object store inside Ray's view of it (for_ray), so that retries do not nest."""
     if isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, _ForRay):
-        return fs.handler.fs
+        return fs.handler.original
     return fs
+
+
+def _synchronous(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """The same S3 filesystem without background writes (uploads in the calling thread)."""
+    if not isinstance(fs, pafs.S3FileSystem):
+        return fs
+    options = fs.__reduce__()[1][0]  # the constructor's keyword arguments, as pickled
+    return pafs.S3FileSystem(**{**options, "background_writes": False})
 
 
 def read_file(fs: pafs.FileSystem, path: str, label: str | None = None,

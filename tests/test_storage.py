@@ -59,3 +59,25 @@ def test_unreachable_endpoint_is_named(s3_server, monkeypatch):
     with pytest.raises(storage.StorageError,
                        match=r"^s3://some-bucket/runs: writing a probe file failed"):
         storage.check_writable("s3://some-bucket/runs")
+
+
+def test_rays_view_of_s3_copies_many_files_at_once(bucket, tmp_path):
+    """Ray syncs Tune's experiment folder with pyarrow's copy_files, which writes through our
+    filesystem from pyarrow's IO threads, 8 of them here: 20 files at once once deadlocked
+    it, every thread waiting for an upload queued behind itself."""
+    import threading
+
+    import pyarrow.fs as pafs
+
+    for i in range(20):
+        (tmp_path / f"f{i:02d}.json").write_bytes(b"x" * (1000 + i))
+    path, fs = storage.for_ray(f"s3://{bucket}/exp", 30)
+    done = threading.Event()
+
+    def copy():
+        pafs.copy_files(str(tmp_path), f"{path}/state", destination_filesystem=fs)
+        done.set()
+
+    threading.Thread(target=copy, daemon=True).start()
+    assert done.wait(120), "copy_files through the filesystem Ray gets did not finish"
+    assert storage.list_dir(f"s3://{bucket}/exp/state") == [f"f{i:02d}.json" for i in range(20)]

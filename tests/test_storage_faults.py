@@ -161,7 +161,16 @@ print(json.dumps(out))
 """
 
 
+def _mount_namespaces() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 @pytest.mark.parametrize("mode", ["full", "ro"])
+@pytest.mark.skipif(not _mount_namespaces(), reason="no `unshare -rm` (mount namespaces) here")
 def test_local_storage_full_or_read_only_is_named_and_leaves_no_checkpoint(tmp_path, mode):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
