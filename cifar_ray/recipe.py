@@ -205,7 +205,7 @@ def compile_module(module: nn.Module, device: torch.device) -> nn.Module:
     per phase. On CPU there are no CUDA graphs: the default mode."""
     # A fresh Dynamo cache: both phases (and every run in a process) start from static
     # shapes, instead of recompiling with dynamic ones after a shape change.
-    torch._dynamo.reset()
+    torch.compiler.reset()
     return torch.compile(module, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
