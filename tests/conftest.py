@@ -49,6 +49,24 @@ def wait_until(cond, timeout: float, what: str, interval: float = 0.5):
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def fit_in_thread(cfg):
+    """train.fit(cfg) on a thread, so that a test can inject a fault while it runs: returns
+    (thread, out) where out gets "summary" or "error"."""
+    from cifar_ray import train
+
+    out = {}
+
+    def target():
+        try:
+            out["summary"] = train.fit(cfg)
+        except BaseException as e:  # the test inspects it
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, out
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process below `pid` (from /proc; Ray's daemons, workers and drivers)."""
     children: dict[int, list[int]] = {}

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 
 import pytest
-from conftest import descendants, free_port, wait_until
+from conftest import descendants, fit_in_thread, free_port, wait_until
 
-from cifar_ray import ray_internals, storage, train
+from cifar_ray import ray_internals, storage
 from cifar_ray.config import PhaseConfig, TrainConfig
 
 pytestmark = pytest.mark.ray
@@ -79,16 +78,7 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_from_its_checkpoint(nodes, 
                       resource_timeout_s=5,  # the default --max-failures (3) applies
                       phase1=PhaseConfig(epochs=1, lr=1e-3, batch_size=64),
                       phase2=PhaseConfig(epochs=6, lr=1e-3, optimizer="sgd", batch_size=64))
-    out = {}
-
-    def fit():
-        try:
-            out["summary"] = train.fit(cfg)
-        except BaseException as e:  # the test inspects it
-            out["error"] = e
-
-    t = threading.Thread(target=fit, daemon=True)
-    t.start()
+    t, out = fit_in_thread(cfg)
     run = cfg.run_uri()
     # Mid-epoch: once phase 2's first epoch is stored, the second is in flight.
     wait_until(lambda: storage.exists(storage.join(run, "checkpoint-p2-e000",

@@ -20,7 +20,7 @@ import boto3
 import pytest
 import ray.train
 import yaml
-from conftest import FAKE_KEY_ID, FAKE_SECRET, descendants, listeners, wait_until
+from conftest import FAKE_KEY_ID, FAKE_SECRET, descendants, fit_in_thread, listeners, wait_until
 
 from cifar_ray import cluster, data, model, ray_internals, runs, storage, train
 from cifar_ray.config import PhaseConfig, TrainConfig
@@ -121,20 +121,6 @@ def _worker_pids() -> list[int]:
     return pids
 
 
-def _fit_in_thread(cfg):
-    out = {}
-
-    def target():
-        try:
-            out["summary"] = train.fit(cfg)
-        except BaseException as e:  # the test inspects it
-            out["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    return t, out
-
-
 def _kill_a_worker_after_first_checkpoint(bucket: str, prefix: str) -> None:
     wait_until(lambda: any(k.endswith("checkpoint_manager_snapshot.json")
                            for k in _keys(bucket, prefix)), 600, "the first checkpoint")
@@ -150,7 +136,7 @@ def _rows(uri: str) -> list[dict]:
 def test_killed_worker_with_max_failures_resumes_from_its_checkpoint(s3_data, bucket):
     cfg = _cfg(s3_data, f"s3://{bucket}/runs", "r2", max_failures=1,
                phase2=PhaseConfig(epochs=3, lr=1e-3, optimizer="sgd", batch_size=64))
-    t, out = _fit_in_thread(cfg)
+    t, out = fit_in_thread(cfg)
     _kill_a_worker_after_first_checkpoint(bucket, "runs/r2/")
     t.join(timeout=1200)
     assert not t.is_alive() and "error" not in out, out.get("error")
@@ -173,7 +159,7 @@ def test_a_storage_outage_during_training_costs_no_restart_and_no_epoch(
     root = f"s3://{bucket}/runs?endpoint_override={s3_proxy.endpoint}"
     cfg = _cfg(s3_data, root, "outage", max_failures=0, storage_retry_s=90,
                phase2=PhaseConfig(epochs=3, lr=1e-3, optimizer="sgd", batch_size=64))
-    t, out = _fit_in_thread(cfg)
+    t, out = fit_in_thread(cfg)
     wait_until(lambda: "runs/outage/checkpoint-p1-e000/state.pt.sha256"
                in _keys(bucket, "runs/outage/"), 600, "the first checkpoint")
     cut = time.monotonic()
@@ -197,7 +183,7 @@ def test_failed_run_resumes_by_name_and_refuses_a_changed_recipe(s3_data, tmp_pa
     cfg = _cfg(s3_data, str(tmp_path / "runs"), "r3", max_failures=0,
                phase2=PhaseConfig(epochs=2, lr=1e-3, optimizer="sgd", batch_size=64))
     run = tmp_path / "runs" / "r3"
-    t, out = _fit_in_thread(cfg)
+    t, out = fit_in_thread(cfg)
     wait_until(lambda: (run / "checkpoint_manager_snapshot.json").exists(), 600,
                "the first checkpoint")
     os.kill(wait_until(_worker_pids, 120, "a RayTrainWorker process")[0], signal.SIGKILL)
