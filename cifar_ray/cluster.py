@@ -76,6 +76,17 @@ def needed_resources(cfg: TrainConfig) -> dict[str, float]:
     return need
 
 
+def shortfall(cfg: TrainConfig) -> dict[str, tuple[float, float]]:
+    """{resource: (needed, what the cluster has now)} for each one the workers lack."""
+    have = ray.cluster_resources()
+    return {k: (v, have.get(k, 0.0)) for k, v in needed_resources(cfg).items()
+            if have.get(k, 0.0) < v}
+
+
+def describe_shortfall(short: dict[str, tuple[float, float]]) -> str:
+    return ", ".join(f"{k}: need {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+
+
 def autoscaler_max_resources(config: dict) -> dict[str, float]:
     """The most of each resource an autoscaler config can bring up: the head's resources plus
     every worker type's times its max_workers (capped by the cluster's max_workers)."""
@@ -113,11 +124,10 @@ def wait_for_resources(cfg: TrainConfig) -> None:
     deadline = time.monotonic() + cfg.resource_timeout_s
     said = False
     while True:
-        have = ray.cluster_resources()
-        short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if have.get(k, 0.0) < v}
+        short = shortfall(cfg)
         if not short:
             return
-        text = ", ".join(f"{k}: need {v:g}, cluster has {h:g}" for k, (v, h) in short.items())
+        text = describe_shortfall(short)
         hint = (" (--use-gpu on a machine without GPUs? drop --use-gpu to train on CPU)"
                 if "GPU" in short else "")
         ceiling = max_cluster_resources()

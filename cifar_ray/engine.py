@@ -106,19 +106,36 @@ def _autocast(x: torch.Tensor, amp_dtype: torch.dtype | None):
 def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
                     batch_size: int, optimizer: torch.optim.Optimizer, scheduler,
                     loss_fn: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor],
-                    gen: torch.Generator, amp_dtype: torch.dtype | None = None) -> dict:
+                    gen: torch.Generator, amp_dtype: torch.dtype | None = None,
+                    start: int = 0, poll: Callable[[int, Callable[[], dict]], None] | None = None,
+                    poll_every: int = 1) -> dict:
     """One pass over (inputs, labels) in shuffled batches; returns sums, so that ranks can
     add them up: loss_sum, correct, count, seconds; and the LR of the first and the last step
-    (lr_start, lr_end: the range the epoch trained with)."""
+    (lr_start, lr_end: the range the epoch trained with).
+
+    `start` steps were done before (a resume from a checkpoint taken mid-epoch): they are
+    skipped. `poll(step, sums)` is called after every `poll_every`-th step with the steps done
+    so far and a function giving the sums so far (it syncs with the device: call it only when
+    they are needed)."""
     loss_sum = torch.zeros((), device=inputs.device)
     correct = torch.zeros((), device=inputs.device, dtype=torch.long)
     count = 0
     lr_start = lr_end = None
-    start = time.perf_counter()
-    for idx in batch_indices(len(labels), batch_size, gen, drop_last=True):
+    t0 = time.perf_counter()
+
+    def sums() -> dict:
+        return {"loss_sum": float(loss_sum), "correct": int(correct), "count": count,
+                "seconds": time.perf_counter() - t0, "lr_start": lr_start, "lr_end": lr_end}
+
+    for step, idx in enumerate(batch_indices(len(labels), batch_size, gen, drop_last=True), 1):
+        idx = idx.to(inputs.device, non_blocking=True)
+        if step <= start:
+            # Done before the checkpoint. Its augmentation is drawn again and thrown away so
+            # that the rest of the epoch gets the crops and flips it would have had.
+            transform(inputs[idx])
+            continue
         lr_end = optimizer.param_groups[0]["lr"]  # a host float: no device sync
         lr_start = lr_end if lr_start is None else lr_start
-        idx = idx.to(inputs.device, non_blocking=True)
         x, y = transform(inputs[idx]), labels[idx]
         with _autocast(x, amp_dtype):
             logits = model(x)
@@ -131,11 +148,11 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         count += len(y)
+        if poll is not None and step % poll_every == 0:
+            poll(step, sums)
     if inputs.device.type == "cuda":
         torch.cuda.synchronize(inputs.device)
-    return {"loss_sum": float(loss_sum), "correct": int(correct), "count": count,
-            "seconds": time.perf_counter() - start,
-            "lr_start": lr_start, "lr_end": lr_end}
+    return sums()
 
 
 @torch.no_grad()

@@ -23,6 +23,8 @@ RayInternalsError naming it and this file.
    StorageContext that TrainContext.get_storage() returns (a DeveloperAPI), for our
    checkpoint upload (train.upload_checkpoint).
 8. For the multi-node tests: raylet_pid(node) of a ray.cluster_utils.Cluster node.
+9. WorkerGroupStartupTimeoutError: the controller failure of a restart that found no room
+   (train.fit_trainer turns it into our ResourceError).
 """
 
 from __future__ import annotations
@@ -62,6 +64,14 @@ TorchBackend = _private("ray.train.torch.config", "_TorchBackend")
 address_and_port = _private("ray.train._internal.utils", "get_address_and_port")
 set_torch_env_vars = _private("ray.train.torch.config", "_set_torch_distributed_env_vars")
 
+# 1. Train's preemption watcher switch (on unless "0"; Train passes it on to its workers).
+PREEMPTION_WATCHER_ENV = _private("ray.train.v2._internal.constants",
+                                  "ENABLE_PREEMPTION_WATCHER_ENV_VAR")
+
+# 9. What ray.train.ControllerError.controller_failure is when a worker group found no room.
+WorkerGroupStartupTimeoutError = _private("ray.train.v2._internal.exceptions",
+                                          "WorkerGroupStartupTimeoutError")
+
 
 def single_machine() -> None:
     """For a Ray instance we start on this machine alone, before it starts. Ray binds its
@@ -73,8 +83,7 @@ def single_machine() -> None:
     53727) is off unless the user set it."""
     os.environ[_private("ray._private.ray_constants", "ENABLE_RAY_CLUSTERS_ENV_VAR")] = "0"
     importlib.import_module("ray._private.ray_constants").ENABLE_RAY_CLUSTER = False
-    os.environ.setdefault(_private("ray.train.v2._internal.constants",
-                                   "ENABLE_PREEMPTION_WATCHER_ENV_VAR"), "0")
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 
 
 def max_resources_from_cluster_config() -> dict | None:

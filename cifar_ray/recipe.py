@@ -110,12 +110,29 @@ class PhaseInputs:
     setup_seconds: float  # the one backbone pass of cached features, else 0
 
 
+# How often, at most, the workers ask whether a node of theirs is being preempted (a barrier
+# across them, so a step count they agree on: from the last epoch's time, 4 times an epoch at
+# first). Clouds give 30 s (GCP) to 2 min (AWS) of notice; a checkpoint upload takes seconds.
+PREEMPTION_POLL_S = 5.0
+
+
 def start_epoch(phase: int, pc: PhaseConfig, resume: dict | None) -> int | None:
-    """The epoch a phase starts at, or None when there is nothing left of it to run."""
+    """The epoch a phase starts at, or None when there is nothing left of it to run. A
+    checkpoint taken mid-epoch (it has a "step") resumes inside its epoch."""
     if resume and resume["phase"] > phase:
         return None
-    start = resume["epoch"] + 1 if resume and resume["phase"] == phase else 0
+    start = 0
+    if resume and resume["phase"] == phase:
+        start = resume["epoch"] + (0 if resume.get("step") else 1)
     return start if start < pc.epochs else None
+
+
+def poll_every(steps: int, last_train_seconds: float | None) -> int:
+    """Steps between preemption polls: about PREEMPTION_POLL_S apart, at least 4 an epoch."""
+    most = max(1, steps // 4)
+    if not last_train_seconds:
+        return most
+    return max(1, min(most, int(PREEMPTION_POLL_S * steps / last_train_seconds)))
 
 
 def phase_inputs(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runtime,
@@ -139,24 +156,34 @@ def phase_inputs(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Ru
 
 
 def checkpoint_state(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, phase: int,
-                     epoch: int, history: list[dict]) -> dict:
+                     epoch: int, history: list[dict], step: int | None = None,
+                     partial: dict | None = None) -> dict:
     """Everything a resume needs: weights, optimizer and schedule, where it stood, the
-    history so far and the config that produced it."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "phase": phase, "epoch": epoch,
-            "history": list(history), "config": cfg.to_dict()}
+    history so far and the config that produced it. Taken mid-epoch (on a preemption
+    notice): also the steps done in that epoch and its train sums so far, over all ranks."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "phase": phase, "epoch": epoch,
+             "history": list(history), "config": cfg.to_dict()}
+    if step is not None:
+        state.update(step=step, partial=partial)
+    return state
 
 
 def run_phases(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runtime,
-               report: Report, resume: dict | None = None) -> list[dict]:
+               report: Report, resume: dict | None = None,
+               notice: Callable[[], bool] | None = None) -> list[dict]:
     """Train both phases, reporting after every epoch. `resume` is a checkpoint state (as
-    built by checkpoint_state) to continue from: its phase and epoch are skipped. Returns the
-    per-epoch metrics history (including epochs from before a resume)."""
+    built by checkpoint_state) to continue from: what it had done is skipped. `notice`, if
+    given, is asked every few steps (by every rank: a collective) whether a node is about to
+    be preempted; when it says so, a checkpoint is reported there, mid-epoch, with metrics
+    {phase, epoch, step, val_acc: nan}, and training goes on. Returns the per-epoch metrics
+    history (including epochs from before a resume)."""
     history: list[dict] = list(resume["history"]) if resume else []
     restored_from = None
     if resume:
         model.load_state_dict(resume["model"])
-        restored_from = {"phase": resume["phase"], "epoch": resume["epoch"]}
+        restored_from = {k: resume[k] for k in ("phase", "epoch", "step") if resume.get(k)
+                         is not None}
     eval_batch = max(cfg.phase1.batch_size, cfg.phase2.batch_size) // rt.world
     for phase in (1, 2):
         pc = cfg.phase(phase)
@@ -178,23 +205,69 @@ def run_phases(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runt
             optimizer.load_state_dict(resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
         loss_fn = nn.CrossEntropyLoss(label_smoothing=pc.label_smoothing)
+        midway = resume if resume and resume["phase"] == phase and resume.get("step") else None
+        last_seconds = None
         for epoch in range(first, pc.epochs):
+            carry = midway if midway and epoch == midway["epoch"] else None
+            poll = None
+            if notice is not None:
+                state = functools.partial(checkpoint_state, cfg, model, optimizer, scheduler,
+                                          phase, epoch, history)
+                poll = preemption_poll(notice, report, rt, phase, epoch, state, carry)
             try:
                 tr, va = run_epoch(cfg, model, inputs, wrapped, data, rt, phase, epoch,
                                    optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
-                                   batch_size=per_rank_batch, eval_batch=eval_batch)
+                                   batch_size=per_rank_batch, eval_batch=eval_batch,
+                                   start=carry["step"] if carry else 0, poll=poll,
+                                   poll_every=poll_every(steps, last_seconds))
             except torch.OutOfMemoryError:
                 raise out_of_memory(cfg, rt, phase, per_rank_batch) from None
+            if carry:
+                tr = carried(tr, carry["partial"], rt.rank)
             setup = inputs.setup_seconds if epoch == first else 0.0
             metrics = epoch_metrics(rt, phase, epoch, len(history) + 1, tr, va, setup, inputs)
             if restored_from is not None:
                 # Marks the first epoch after a restore: a record of where training resumed.
                 metrics["restored_from"], restored_from = restored_from, None
+            last_seconds = metrics["seconds"] - setup  # the same on every rank (reduced)
             history.append(metrics)
             log.info(epoch_line(cfg, metrics))
             report(metrics, functools.partial(checkpoint_state, cfg, model, optimizer,
                                               scheduler, phase, epoch, history))
     return history
+
+
+def preemption_poll(notice: Callable[[], bool], report: Report, rt: Runtime, phase: int,
+                    epoch: int, state: Callable[..., dict], carry: dict | None):
+    """The poll train_one_epoch calls every few steps: on a preemption notice, report a
+    checkpoint of this very step (every rank takes part: the sums are reduced over ranks)."""
+    def poll(step: int, sums: Callable[[], dict]) -> None:
+        if not notice():
+            return
+        so_far = sums()
+        if carry:
+            so_far = carried(so_far, carry["partial"], rt.rank)
+        total = rt.reduce([so_far["loss_sum"], so_far["correct"], so_far["count"]])
+        partial = {"loss_sum": total[0], "correct": int(total[1]), "count": int(total[2]),
+                   "seconds": rt.reduce([so_far["seconds"]], "max")[0],
+                   "lr_start": so_far["lr_start"], "lr_end": so_far["lr_end"]}
+        log.warning(f"preemption notice: checkpointing phase {phase} epoch {epoch + 1} at "
+                    f"step {step}")
+        report({"phase": phase, "epoch": epoch, "step": step, "val_acc": float("nan")},
+               functools.partial(state, step=step, partial=partial))
+    return poll
+
+
+def carried(tr: dict, partial: dict, rank: int) -> dict:
+    """An epoch's train sums with those from before its mid-epoch checkpoint added: the
+    checkpoint holds them summed over ranks, so rank 0 adds them (the time, every rank)."""
+    out = dict(tr, seconds=tr["seconds"] + partial["seconds"],
+               lr_start=partial["lr_start"],
+               lr_end=tr["lr_end"] if tr["lr_end"] is not None else partial["lr_end"])
+    if rank == 0:
+        for k in ("loss_sum", "correct", "count"):
+            out[k] = tr[k] + partial[k]
+    return out
 
 
 def compile_module(module: nn.Module, device: torch.device) -> nn.Module:
@@ -228,9 +301,10 @@ def out_of_memory(cfg: TrainConfig, rt: Runtime, phase: int, per_rank_batch: int
 
 def run_epoch(cfg: TrainConfig, model: Classifier, inputs: PhaseInputs, wrapped: nn.Module,
               data: DeviceSplits, rt: Runtime, phase: int, epoch: int, *, optimizer,
-              scheduler, loss_fn: nn.Module, batch_size: int, eval_batch: int
-              ) -> tuple[dict, dict]:
-    """One training pass and one validation pass: (train sums, val sums) of this rank."""
+              scheduler, loss_fn: nn.Module, batch_size: int, eval_batch: int,
+              start: int = 0, poll=None, poll_every: int = 1) -> tuple[dict, dict]:
+    """One training pass (from step `start`, polling as train_one_epoch says) and one
+    validation pass: (train sums, val sums) of this rank."""
     # Seeded per (phase, epoch, rank): a resumed run replays the same order.
     seed = ((cfg.seed * 3 + phase) * 1009 + epoch) * 1009 + rt.rank
     if inputs.cached:
@@ -244,7 +318,8 @@ def run_epoch(cfg: TrainConfig, model: Classifier, inputs: PhaseInputs, wrapped:
     tr = engine.train_one_epoch(wrapped, inputs.train_x, data.train_y, batch_size=batch_size,
                                 optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
                                 transform=transform_train,
-                                gen=torch.Generator().manual_seed(seed), amp_dtype=rt.amp_dtype)
+                                gen=torch.Generator().manual_seed(seed), amp_dtype=rt.amp_dtype,
+                                start=start, poll=poll, poll_every=poll_every)
     va = engine.evaluate(inputs.module, inputs.val_x, data.val_y, batch_size=eval_batch,
                          transform=transform_eval, amp_dtype=rt.amp_dtype)
     return tr, va

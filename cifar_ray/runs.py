@@ -7,7 +7,8 @@ A run folder <storage>/<name>/ (`cifar-ray train`; also each sweep trial and a s
   config.json                    the resolved config, written before the first epoch
   metrics.jsonl                  one line per epoch (ours: Ray's Result keeps only the last)
   checkpoint-p<phase>-e<epoch>/  Ray-managed: the best --keep-checkpoints by val accuracy and
-                                 the latest
+                                 the latest (-s<step> on the end: taken mid-epoch, on a
+                                 preemption notice)
   model_final.pt                 the model's weights after the last epoch
   result.json                    written last: the run is finished
 An experiment folder <storage>/<name>/ (`cifar-ray tune`): Tune's experiment_state-*.json,
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 
 from cifar_ray import storage
 from cifar_ray.config import SweepConfig, TrainConfig
@@ -42,8 +45,19 @@ class ExperimentExistsError(UserError, RuntimeError):
     """The experiment name is taken (and --resume was not given), or is missing on --resume."""
 
 
-def checkpoint_name(phase: int, epoch: int) -> str:
-    return f"checkpoint-p{phase}-e{epoch:03d}"
+def checkpoint_name(phase: int, epoch: int, step: int | None = None) -> str:
+    """checkpoint-p2-e003 after phase 2's epoch 4 (0-based 3); checkpoint-p2-e003-s00040
+    after step 40 of that epoch (taken on a preemption notice)."""
+    return f"checkpoint-p{phase}-e{epoch:03d}" + (f"-s{step:05d}" if step else "")
+
+
+def checkpoint_progress(name: str) -> tuple[int, int, float] | None:
+    """How far training had got at a checkpoint, in an order that compares: (phase, epoch,
+    steps done in it; inf once it is complete). None for other names."""
+    m = re.fullmatch(r"checkpoint-p(\d+)-e(\d+)(?:-s(\d+))?", name)
+    if m is None:
+        return None
+    return int(m[1]), int(m[2]), float(m[3]) if m[3] else math.inf
 
 
 # ---------------------------------------------------------------- files

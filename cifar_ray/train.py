@@ -15,7 +15,6 @@ import io
 import logging
 import os
 import posixpath
-import re
 import shutil
 import tempfile
 import time
@@ -76,10 +75,10 @@ def latest_checkpoint(run_uri: str) -> str | None:
     next poll, and a node lost in between takes that registration with it, not the files."""
     done = []
     for name in storage.list_dir(run_uri):
-        m = re.fullmatch(r"checkpoint-p(\d+)-e(\d+)", name)
-        if m and storage.exists(storage.join(run_uri, name, checkpoint.DIGEST)):
-            done.append((int(m[1]), int(m[2]), name))
-    return storage.join(run_uri, max(done)[2]) if done else None
+        progress = runs.checkpoint_progress(name)
+        if progress and storage.exists(storage.join(run_uri, name, checkpoint.DIGEST)):
+            done.append((progress, name))
+    return storage.join(run_uri, max(done)[1]) if done else None
 
 
 def resume_point(cfg: TrainConfig) -> tuple[dict | None, str | None]:
@@ -109,20 +108,41 @@ def upload_checkpoint(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Ch
 
 def reporter(run_uri: str, rank: int):
     """The recipe's report callback: every rank reports (report is a barrier); rank 0 also
-    writes the checkpoint, then our own metrics.jsonl (Result.metrics keeps only the last)."""
+    writes the checkpoint, then our own metrics.jsonl (Result.metrics keeps only the last).
+    A mid-epoch report (a preemption notice's; it has a "step") adds no metrics row."""
     def report(metrics: dict, state) -> None:
         with tempfile.TemporaryDirectory() as d:
             ckpt = history = None
             if rank == 0:
                 st = state()
                 checkpoint.write_dir(st, d)
-                ckpt, history = ray.train.Checkpoint.from_directory(d), st["history"]
+                ckpt = ray.train.Checkpoint.from_directory(d)
+                history = None if "step" in metrics else st["history"]
+            name = runs.checkpoint_name(metrics["phase"], metrics["epoch"], metrics.get("step"))
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=upload_checkpoint,
-                             checkpoint_dir_name=runs.checkpoint_name(metrics["phase"],
-                                                                      metrics["epoch"]))
+                             checkpoint_dir_name=name)
             if history is not None:  # after the checkpoint: a metrics row implies its checkpoint
                 runs.write_metrics(run_uri, history)
     return report
+
+
+def preemption_notice():
+    """For run_phases: asks Ray Train whether a node of this run is about to be preempted (a
+    collective), True once per new notice; None where Train's preemption watcher is off (a
+    private local instance, whose nodes no cloud reclaims)."""
+    if os.environ.get(ray_internals.PREEMPTION_WATCHER_ENV, "1").lower() in ("0", "false"):
+        return None
+    seen = []
+
+    def notice() -> bool:
+        info = ray.train.get_preemption_info()
+        if info is None or info in seen:
+            return False
+        seen.append(info)
+        log.warning(f"node(s) {', '.join(info.preempted_node_ids)} to be preempted (ranks "
+                    f"{info.preempted_ranks}): a checkpoint now, then on until Ray restarts")
+        return True
+    return notice
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -144,9 +164,11 @@ def train_loop_per_worker(config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     resume, source = resume_point(cfg)
     if resume is not None:
-        log.info(f"starting from {source}: phase {resume['phase']}, "
-                 f"epoch {resume['epoch'] + 1} done")
-    run_phases(cfg, model, splits, rt, reporter(cfg.run_uri(), rank), resume)
+        done = (f"step {resume['step']} of epoch {resume['epoch'] + 1}" if resume.get("step")
+                else f"epoch {resume['epoch'] + 1}")
+        log.info(f"starting from {source}: phase {resume['phase']}, {done} done")
+    run_phases(cfg, model, splits, rt, reporter(cfg.run_uri(), rank), resume,
+               preemption_notice())
     if rank == 0:
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
@@ -202,8 +224,19 @@ def check_compiler(gpu: bool) -> None:
                          "--compile")
 
 
+# Ray Train's wait for a restarted worker group's placement (read from the environment only;
+# TorchTrainer passes it on to its controller). A placement on a live cluster takes a moment.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+MIN_START_TIMEOUT_S = 10.0
+
+
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrainer:
     storage_path, storage_fs = storage.for_ray(cfg.storage, cfg.storage_retry_s)
+    # A restart after a lost node waits --resource-timeout-s for room, as the first start does
+    # (cluster.wait_for_resources), and then the run stops (fit_trainer says why). Train's own
+    # default is 60 s retried without limit (controller_failure_limit -1): a run whose node
+    # never came back waited forever, holding the rest of the cluster.
+    os.environ[START_TIMEOUT_ENV] = str(max(cfg.resource_timeout_s, MIN_START_TIMEOUT_S))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
@@ -217,23 +250,42 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrain
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_acc",
                 checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
+                                                   controller_failure_limit=0),
             worker_runtime_env=cluster.worker_env(),
             logging_config=ray.train.LoggingConfig(log_level=cfg.ray_log_level),
             callbacks=callbacks))
 
 
-def fit_trainer(trainer: TorchTrainer) -> None:
-    """trainer.fit(), except that a UserError raised in a worker (a batch that does not fit,
-    weights that cannot be read) reaches the caller as itself: one line naming the flag, not
-    Ray's wrapper with every worker's traceback."""
+def fit_trainer(cfg: TrainConfig, callbacks: list | None = None) -> None:
+    """Build and fit cfg's TorchTrainer, except that a UserError raised in a worker (a batch
+    that does not fit, weights that cannot be read) reaches the caller as itself: one line
+    naming the flag, not Ray's wrapper with every worker's traceback; and a restart that found
+    no room says what is missing and where the run will resume."""
     try:
-        trainer.fit()
+        build_trainer(cfg, callbacks).fit()
     except ray.train.WorkerGroupError as e:
         user = [f for f in e.worker_failures.values() if isinstance(f, UserError)]
         if user:
             raise user[0] from None
         raise
+    except ray.train.ControllerError as e:
+        if not isinstance(e.controller_failure, ray_internals.WorkerGroupStartupTimeoutError):
+            raise
+        raise no_room_to_restart(cfg) from None
+
+
+def no_room_to_restart(cfg: TrainConfig) -> cluster.ResourceError:
+    short = cluster.shortfall(cfg)
+    newest = latest_checkpoint(cfg.run_uri())
+    where = (f"its newest complete checkpoint, {storage.display(newest)}" if newest
+             else "the start (no checkpoint was stored)")
+    return cluster.ResourceError(
+        f"run {storage.display(cfg.run_uri())}: its workers were lost and --workers "
+        f"{cfg.workers} could not be placed again within "
+        f"{max(cfg.resource_timeout_s, MIN_START_TIMEOUT_S):g} s (--resource-timeout-s): "
+        f"{cluster.describe_shortfall(short) or 'the cluster had room only after the wait'}. "
+        f"Run the same command again once the cluster has room: it resumes from {where}.")
 
 
 def evaluate_remote(ckpt_uri: str, cfg: TrainConfig, split: str) -> dict:
@@ -262,7 +314,7 @@ def run_and_evaluate(cfg: TrainConfig, manifest: dict) -> dict:
     run_uri = cfg.run_uri()
     runs.write_config(cfg)
     t0 = time.time()
-    fit_trainer(build_trainer(cfg))
+    fit_trainer(cfg)
     wall = time.time() - t0
     history = runs.read_metrics(run_uri)
     summary = {"name": cfg.name, "run": storage.display(run_uri), "wall_seconds": round(wall, 1),

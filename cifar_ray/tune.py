@@ -51,6 +51,15 @@ class ASHA(ASHAScheduler):
         return action
 
 
+class EpochReports(TuneReportCallback):
+    """Forwards a trial's epoch reports to Tune (one training_iteration each, as ASHA counts
+    them), not a mid-epoch checkpoint's on a preemption notice."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if "step" not in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
 def search_space(cfg: SweepConfig) -> tuple[dict, int]:
     """Tune's param_space and num_samples: an LR grid, or log-uniform samples of a range."""
     if cfg.lr_range is not None:
@@ -89,7 +98,7 @@ def run_trial(params: dict) -> None:
     base = TrainConfig.from_dict(params["base"])
     cfg = trial_config(base, params, tune.get_context().get_trial_id(), params["init"])
     runs.write_config(cfg)
-    train.fit_trainer(train.build_trainer(cfg, callbacks=[TuneReportCallback()]))
+    train.fit_trainer(cfg, callbacks=[EpochReports()])
 
 
 def concurrency(cfg: SweepConfig) -> int:

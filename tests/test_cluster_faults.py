@@ -9,15 +9,18 @@ joins some seconds later, as an autoscaler would bring one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 from conftest import descendants, fit_in_thread, free_port, wait_until
 
-from cifar_ray import ray_internals, storage
+from cifar_ray import cluster, ray_internals, runs, storage, train
 from cifar_ray.config import PhaseConfig, TrainConfig
 
 pytestmark = pytest.mark.ray
@@ -71,30 +74,52 @@ def _kill_node(node) -> None:
             pass
 
 
-def test_a_lost_node_is_replaced_and_the_run_resumes_from_its_checkpoint(nodes, s3_data,
-                                                                        bucket):
-    cfg = TrainConfig(data=s3_data, dataset="tiny", storage=f"s3://{bucket}/runs",
-                      name="spot", workers=2, cpus_per_worker=1, weights="none",
-                      resource_timeout_s=5,  # the default --max-failures (3) applies
-                      phase1=PhaseConfig(epochs=1, lr=1e-3, batch_size=64),
-                      phase2=PhaseConfig(epochs=6, lr=1e-3, optimizer="sgd", batch_size=64))
-    t, out = fit_in_thread(cfg)
-    run = cfg.run_uri()
-    # Mid-epoch: once phase 2's first epoch is stored, the second is in flight.
+def _cfg(s3_data: str, bucket: str, name: str, epochs: int = 6, **kw) -> TrainConfig:
+    """Two 1-CPU workers, one per worker node; 1 + 6 tiny epochs (4 steps, ~3 s each)."""
+    return TrainConfig(data=s3_data, dataset="tiny", storage=f"s3://{bucket}/runs",
+                       name=name, workers=2, cpus_per_worker=1, weights="none",
+                       phase1=PhaseConfig(epochs=1, lr=1e-3, batch_size=64),
+                       phase2=PhaseConfig(epochs=epochs, lr=1e-3, optimizer="sgd",
+                                          batch_size=64),
+                       **kw)
+
+
+def _rows(run: str) -> list[dict]:
+    return [json.loads(r) for r in storage.read_bytes(storage.join(run, "metrics.jsonl"))
+            .decode().splitlines()]
+
+
+def _in_phase2(run: str, nodes) -> object:
+    """Once phase 2's first epoch is stored (so its second is in flight): a worker node
+    that hosts a training worker."""
     wait_until(lambda: storage.exists(storage.join(run, "checkpoint-p2-e000",
                                                    "state.pt.sha256")),
                900, "phase 2's first checkpoint")
-    victim = wait_until(lambda: _train_worker_nodes(nodes), 60,
-                        "a node hosting a training worker")[0]
-    def rows() -> list[dict]:
-        return [json.loads(r) for r in storage.read_bytes(storage.join(run, "metrics.jsonl"))
-                .decode().splitlines()]
+    return wait_until(lambda: _train_worker_nodes(nodes), 60,
+                      "a node hosting a training worker")[0]
 
-    stored = rows()[-1]  # metrics rows land after their checkpoint
-    killed = time.monotonic()
+
+def _replace(nodes, victim) -> None:
+    """Kill the node; a new one joins, as the autoscaler would bring one."""
     _kill_node(victim)
     nodes.worker_nodes.discard(victim)  # gone: shutdown has nothing left to stop there
     nodes.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+
+
+def test_a_lost_node_is_replaced_and_the_run_resumes_from_its_checkpoint(nodes, s3_data,
+                                                                        bucket):
+    # The default --max-failures (3) applies; the replacement may take its time to start.
+    cfg = _cfg(s3_data, bucket, "spot", resource_timeout_s=120)
+    t, out = fit_in_thread(cfg)
+    run = cfg.run_uri()
+    victim = _in_phase2(run, nodes)
+
+    def rows() -> list[dict]:
+        return _rows(run)
+
+    stored = rows()[-1]  # metrics rows land after their checkpoint
+    killed = time.monotonic()
+    _replace(nodes, victim)
     wait_until(lambda: "error" in out or any("restored_from" in r for r in rows()), 900,
                "an epoch after the restart")
     recovered = time.monotonic() - killed
@@ -112,3 +137,99 @@ def test_a_lost_node_is_replaced_and_the_run_resumes_from_its_checkpoint(nodes, 
     # Two 1-CPU workers, one surviving 1-CPU node, none on the head: the restarted group
     # could only finish on the replacement.
     assert out["summary"]["epochs"] == 7
+
+
+def test_with_no_node_to_replace_the_lost_one_the_run_stops_saying_what_is_missing(
+        nodes, s3_data, bucket):
+    """No replacement within --resource-timeout-s (at least 10 s for a restart): the run
+    stops with what is missing and where it will resume; the same command, once a node has
+    joined, resumes from there."""
+    cfg = _cfg(s3_data, bucket, "no-room", resource_timeout_s=5)
+    t, out = fit_in_thread(cfg)
+    run = cfg.run_uri()
+    victim = _in_phase2(run, nodes)
+    stored = _rows(run)[-1]
+    killed = time.monotonic()
+    _kill_node(victim)
+    nodes.worker_nodes.discard(victim)
+    t.join(timeout=600)
+    stopped = time.monotonic() - killed
+    assert not t.is_alive()
+    err = out.get("error")
+    assert isinstance(err, cluster.ResourceError), repr(err)
+    msg = str(err)
+    assert "CPU: need 2, cluster has 1" in msg and "(--resource-timeout-s)" in msg, msg
+    assert "Run the same command again" in msg and "checkpoint-p2-e" in msg, msg
+    print(f"FAULT no replacement: the run stopped {stopped:.1f} s after the kill: {msg}")
+
+    nodes.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    import ray
+    wait_until(lambda: ray.cluster_resources().get("CPU", 0) >= 2, 120, "the new node")
+    summary = train.fit(cfg)
+    final = _rows(run)
+    assert [(r["phase"], r["epoch"]) for r in final] == [(1, 0)] + [(2, e) for e in range(6)]
+    restored = [r["restored_from"] for r in final if "restored_from" in r]
+    assert len(restored) == 1
+    assert (restored[0]["phase"], restored[0]["epoch"]) >= (stored["phase"], stored["epoch"])
+    assert summary["epochs"] == 7
+
+
+def _drain(nodes, node, deadline_s: int) -> None:
+    """The cloud's notice, as an autoscaler passes it on: drain the node, reason PREEMPTION,
+    to be gone in deadline_s (`ray drain-node`; a second drain moves the deadline)."""
+    drained = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "ray"), "drain-node",
+         "--address", nodes.address, "--node-id", node.node_id,
+         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
+         "--deadline-remaining-seconds", str(deadline_s)],
+        env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+        timeout=120)
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+
+
+def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_that_step(
+        nodes, s3_data, bucket, monkeypatch):
+    """A worker node gets a preemption notice mid-epoch: the workers checkpoint the step they
+    are at, at once; a replacement joins; the node goes past its deadline (killed by pid, in
+    the middle of the same epoch), and the run resumes from that step. With --max-failures
+    0: a notified preemption is not a failure (Ray counts it apart; a node lost before its
+    deadline counts as a failure). Epochs of ~20 s here (2,536 images), so that the whole
+    notice fits inside one."""
+    from cifar_ray import data
+    from cifar_ray.config import PrepareConfig
+
+    data.prepare(PrepareConfig(source="synthetic", data=s3_data, dataset="longer",
+                               val_size=64, synthetic_size=2600))
+    monkeypatch.setenv(ray_internals.PREEMPTION_WATCHER_ENV, "1")
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")  # Ray's default: 5 s
+    cfg = dataclasses.replace(_cfg(s3_data, bucket, "notice", epochs=3, max_failures=0,
+                                   resource_timeout_s=120), dataset="longer")
+    t, out = fit_in_thread(cfg)
+    run = cfg.run_uri()
+    victim = _in_phase2(run, nodes)
+    _drain(nodes, victim, 300)
+    noticed = time.monotonic()
+
+    def mid_epoch() -> list[str]:
+        return [n for n in storage.list_dir(run) if "-s" in n
+                and storage.exists(storage.join(run, n, "state.pt.sha256"))]
+
+    jit = wait_until(mid_epoch, 300, "a checkpoint taken on the notice")[0]
+    print(f"FAULT preemption notice: {jit} stored {time.monotonic() - noticed:.1f} s after "
+          "the notice")
+    nodes.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    _drain(nodes, victim, 1)  # the cloud takes the node now
+    gone = time.time() + 1
+    wait_until(lambda: time.time() > gone + 0.5, 60, "the notice's deadline")
+    _kill_node(victim)
+    nodes.worker_nodes.discard(victim)
+    t.join(timeout=1200)
+    assert not t.is_alive() and "error" not in out, out.get("error")
+    final = _rows(run)
+    assert [(r["phase"], r["epoch"]) for r in final] == [(1, 0)] + [(2, e) for e in range(3)]
+    restored = [r["restored_from"] for r in final if "restored_from" in r]
+    progress = runs.checkpoint_progress(jit)
+    assert len(restored) == 1 and "step" in restored[0], restored
+    assert restored[0]["epoch"] == progress[1]  # in the epoch the notice came in
+    assert (restored[0]["phase"], restored[0]["epoch"], restored[0]["step"]) >= progress
+    assert final[2]["restored_from"] == restored[0]

@@ -26,13 +26,17 @@ def _cfg(**kw):
     return dataclasses.replace(base, **kw)
 
 
-def _run(cfg, d, resume=None):
+def _run(cfg, d, resume=None, notice=None, reported=None):
     states = []
+
+    def report(met, st):
+        if reported is not None:
+            reported.append(met)
+        # deepcopy: a state holds live tensors; train.py serialises it before training goes on.
+        states.append(copy.deepcopy(st()))
+
     m = M.build("none", seed=cfg.seed)
-    # deepcopy: a state holds live tensors; train.py serialises it before training goes on.
-    hist = recipe.run_phases(cfg, m, d, recipe.Runtime(),
-                             lambda met, st: states.append(copy.deepcopy(st())),
-                             resume=resume)
+    hist = recipe.run_phases(cfg, m, d, recipe.Runtime(), report, resume=resume, notice=notice)
     return m, hist, states
 
 
@@ -69,6 +73,49 @@ def test_resume_continues_after_the_checkpointed_epoch(tiny):
     assert [(s["phase"], s["epoch"]) for s in new_states] == [(2, 0)]  # phase 1 not redone
     # Same seeds per (phase, epoch): the resumed epoch equals the uninterrupted one.
     assert hist[2]["train_loss"] == pytest.approx(full[2]["train_loss"], rel=1e-4)
+
+
+def test_a_preemption_notice_checkpoints_mid_epoch_and_the_resume_carries_on_from_there(tiny):
+    """3 steps an epoch, so the notice is asked after every step: the 8th time is phase 2's
+    second step. Training goes on after that checkpoint; resumed from it, the run redoes
+    nothing and ends with the weights of the run that was never interrupted: the same
+    batches, crops and flips."""
+    cfg = _cfg(phase2=PhaseConfig(epochs=2, lr=1e-4, batch_size=64, augment=True))
+    plain_model, plain, _ = _run(cfg, tiny)
+    asked, reported = [], []
+
+    def notice():
+        asked.append(1)
+        return len(asked) == 8
+
+    _, noticed, states = _run(cfg, tiny, notice=notice, reported=reported)
+    assert len(asked) == 12  # 4 epochs of 3 steps
+    jit = [s for s in states if "step" in s]
+    assert [(s["phase"], s["epoch"], s["step"]) for s in jit] == [(2, 0, 2)]
+    assert jit[0]["partial"]["count"] == 128 and len(jit[0]["history"]) == 2
+    assert [m["step"] for m in reported if "step" in m] == [2]
+    assert math.isnan([m for m in reported if "step" in m][0]["val_acc"])
+    assert [h["train_loss"] for h in noticed] == [h["train_loss"] for h in plain]
+
+    resumed_model, resumed, after = _run(cfg, tiny, resume=jit[0])
+    assert [(h["phase"], h["epoch"]) for h in resumed] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert resumed[2]["restored_from"] == {"phase": 2, "epoch": 0, "step": 2}
+    assert [(s["phase"], s["epoch"]) for s in after] == [(2, 0), (2, 1)]
+    # The resumed epoch's metrics count the steps before the checkpoint too.
+    assert resumed[2]["train_loss"] == pytest.approx(plain[2]["train_loss"], rel=1e-4)
+    assert resumed[2]["train_acc"] == plain[2]["train_acc"]
+    assert resumed[2]["lr_start"] == plain[2]["lr_start"]
+    for k, v in plain_model.state_dict().items():
+        assert torch.allclose(resumed_model.state_dict()[k].float(), v.float(), rtol=1e-4,
+                              atol=1e-6), k
+
+
+def test_preemption_polls_are_seconds_apart_and_at_least_four_an_epoch():
+    assert recipe.poll_every(100, None) == 25  # the first epoch: its time is not known yet
+    assert recipe.poll_every(100, 1000.0) == 1  # 10 s steps: every step
+    assert recipe.poll_every(1000, 10.0) == 250  # 10 ms steps: capped at 4 an epoch
+    assert recipe.poll_every(1000, 100.0) == 50  # 0.1 s steps: every 5 s
+    assert recipe.poll_every(2, None) == 1
 
 
 def test_batch_larger_than_the_data_is_named(tiny):

@@ -105,6 +105,18 @@ def test_best_checkpoint_is_the_best_epoch_that_ray_kept(tmp_path):
     assert "test accuracy 0.6600 on 10 images" in runs.describe(summary)
 
 
+def test_checkpoints_order_by_how_far_training_had_got():
+    """A resume takes the newest: a checkpoint taken mid-epoch (on a preemption notice) comes
+    after the epoch before it and before its own epoch's end."""
+    names = [runs.checkpoint_name(*p) for p in
+             ((2, 3), (1, 9), (2, 3, 40), (2, 2), (2, 3, 7), (2, 4, 1))]
+    assert names[2] == "checkpoint-p2-e003-s00040"
+    assert sorted(names, key=runs.checkpoint_progress) == [
+        "checkpoint-p1-e009", "checkpoint-p2-e002", "checkpoint-p2-e003-s00007",
+        "checkpoint-p2-e003-s00040", "checkpoint-p2-e003", "checkpoint-p2-e004-s00001"]
+    assert runs.checkpoint_progress("metrics.jsonl") is None
+
+
 def test_inspect_reads_an_experiment_without_importing_ray_or_torch(tmp_path):
     exp = tmp_path / "exp"
     base = TrainConfig(storage=str(exp / runs.TRIALS), workers=1, weights="none")
