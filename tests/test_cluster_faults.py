@@ -221,8 +221,13 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_that_s
     _drain(nodes, victim, 1)  # the cloud takes the node now
     gone = time.time() + 1
     wait_until(lambda: time.time() > gone + 0.5, 60, "the notice's deadline")
+    killed = time.monotonic()
     _kill_node(victim)
     nodes.worker_nodes.discard(victim)
+    wait_until(lambda: "error" in out or any("restored_from" in r for r in _rows(run)), 900,
+               "the resumed epoch")
+    print(f"FAULT preemption notice: the resumed epoch stored {time.monotonic() - killed:.1f} "
+          "s after the kill")
     t.join(timeout=1200)
     assert not t.is_alive() and "error" not in out, out.get("error")
     final = _rows(run)

@@ -277,6 +277,56 @@ def test_a_stopped_job_submitted_again_resumes_where_it_stopped(head, workdir, s
     assert "runs/stopped/result.json" in _keys(bucket)
 
 
+def test_a_stopped_sweep_submitted_again_with_resume_picks_up_its_trials(head, workdir, s3_data,
+                                                                       bucket):
+    """`ray job stop` in the middle of a sweep's first trial, then the same `ray job submit`
+    with --resume: phase 1 is not run again, the interrupted trial resumes from its own
+    latest checkpoint and the other trial runs; best.json lands."""
+    args = ["python", "jobs/tune.py", "--data", s3_data, "--dataset", "tiny", "--storage",
+            f"s3://{bucket}/sweeps", "--name", "halted", "--workers", "1", "--weights", "none",
+            "--phase1-epochs", "1", "--phase1-batch-size", "64", "--phase2-epochs", "3",
+            "--phase2-batch-size", "64", "--phase2-optimizer", "sgd", "--lrs", "1e-3", "1e-2",
+            "--scheduler", "fifo", "--max-concurrent-trials", "1"]
+    exp = f"s3://{bucket}/sweeps/halted"
+
+    def trial_rows() -> dict[str, list[dict]]:
+        trials = storage.join(exp, runs.TRIALS)
+        return {n: runs.read_metrics(storage.join(trials, n)) for n in storage.list_dir(trials)}
+
+    first = head.submit(workdir, *args)
+    # Mid-trial: the first trial has stored phase 2's first epoch; its second is in flight.
+    wait_until(lambda: any(k.startswith("sweeps/halted/trials/") and
+                           k.endswith("/checkpoint-p2-e000/state.pt.sha256")
+                           for k in _keys(bucket))
+               or head.client.get_job_status(first).is_terminal(), 900,
+               "the first trial's first phase-2 checkpoint")
+    done = head.cli("job", "stop", "--address", head.address, first)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert head.wait(first, 300) == JobStatus.STOPPED
+    before = trial_rows()
+    # A trial's rows start with the shared phase 1's (its history came with that checkpoint).
+    assert len(before) == 1 and len(next(iter(before.values()))) < 4, before
+    assert "sweeps/halted/best.json" not in _keys(bucket)
+
+    submitted = time.monotonic()
+    second = head.submit(workdir, *args, "--resume")
+    assert head.wait(second, 1200) == JobStatus.SUCCEEDED, head.client.get_job_logs(second)
+    print(f"FAULT sweep stopped: the resubmitted sweep finished "
+          f"{time.monotonic() - submitted:.1f} s after its submission")
+    logs = head.client.get_job_logs(second)
+    assert "phase 1: already done" in logs, logs[-3000:]
+    after = trial_rows()
+    assert len(after) == 2
+    for name, rows in after.items():
+        assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1), (2, 2)], name
+    # Every trial starts from phase 1's checkpoint; the stopped one once more, from its own.
+    stopped = next(iter(before))
+    restored = [r["restored_from"] for r in after[stopped] if "restored_from" in r]
+    assert len(restored) == 2 and (restored[1]["phase"], restored[1]["epoch"]) >= (2, 0)
+    assert len(runs.read_metrics(storage.join(exp, "phase1"))) == 1
+    assert "sweeps/halted/best.json" in _keys(bucket)
+
+
 def test_jobs_api_refuses_requests_without_the_token(head, workdir):
     before = {j.submission_id for j in head.client.list_jobs()}
     # The CLI without a token: refused, nothing submitted.
