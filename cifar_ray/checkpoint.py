@@ -94,3 +94,38 @@ def upload_dir(directory: str, fs: pafs.FileSystem, dest: str, local: bool) -> N
         with open(os.path.join(directory, name), "rb") as f:
             storage.write_file(fs, posixpath.join(dest, name), f.read(), local=local,
                                label=posixpath.join(dest, name))
+
+
+def export_backbone(source: str, out: str, overwrite: bool = False) -> dict:
+    """Write the backbone of a checkpoint (or of a finished run's best checkpoint) as a plain
+    torchvision ResNet50 state_dict (tensors only, without `fc`), the file any run takes as
+    `--weights OUT --weights-sha256 HEX`. Returns {weights, sha256, checkpoint, tensors,
+    bytes}.
+
+        cifar-ray export results/src/checkpoint-p2-e009 weights/src-backbone.pt
+    """
+    from cifar_ray import runs  # runs imports nothing of ours but storage
+
+    ckpt = source
+    if not storage.exists(storage.join(source, STATE)):
+        result = runs.read_json(storage.join(source, runs.RESULT))
+        if result is None:
+            raise CheckpointError(
+                f"{storage.display(source)}: neither a checkpoint folder (no {STATE}) nor a "
+                f"finished run (no {runs.RESULT}); give a checkpoint-p<phase>-e<epoch> folder "
+                "or a run folder whose run has finished")
+        ckpt = result["best_checkpoint"]
+    if storage.exists(out) and not overwrite:
+        raise CheckpointError(f"{storage.display(out)} exists; choose another path or pass "
+                              "--overwrite to replace it")
+    model = load_uri(ckpt)["model"]
+    backbone = {k[len("backbone."):]: v.detach().clone() for k, v in model.items()
+                if k.startswith("backbone.")}
+    if not backbone:
+        raise CheckpointError(f"{storage.display(ckpt)}: its model has no backbone tensors")
+    buf = io.BytesIO()
+    torch.save(backbone, buf)
+    data = buf.getvalue()
+    storage.write_bytes(out, data)
+    return {"weights": storage.display(out), "sha256": hashlib.sha256(data).hexdigest(),
+            "checkpoint": storage.display(ckpt), "tensors": len(backbone), "bytes": len(data)}

@@ -5,12 +5,13 @@
     cifar-ray tune --smoke
     cifar-ray inspect results/smoke-sweep --plots reports/
     cifar-ray evaluate results/smoke/checkpoint-p2-e000 --split test
+    cifar-ray export results/smoke weights/smoke-backbone.pt     # then --weights/--weights-sha256
 
 Flags come from the config dataclasses (config.py): `cifar-ray train --help` lists them all.
 Every subcommand takes --log-level (our own lines; Ray's: --ray-log-level). Errors in
 input (ValueError and our storage/data errors) print one line naming the flag, file or URI
 and exit with status 2, before any expensive work. Each subcommand imports only what it
-needs: `inspect` and `evaluate` never import Ray.
+needs: `inspect`, `evaluate` and `export` never import Ray.
 """
 
 from __future__ import annotations
@@ -71,6 +72,18 @@ def _evaluate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _export(ns: argparse.Namespace) -> int:
+    from cifar_ray import storage
+    from cifar_ray.checkpoint import export_backbone
+
+    out = export_backbone(storage.normalize(ns.source), storage.normalize(ns.out),
+                          ns.overwrite)
+    print(json.dumps(out, indent=2))
+    print(f"use it: --weights {out['weights']} --weights-sha256 {out['sha256']}",
+          file=sys.stderr)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cifar-ray", description=__doc__.split("\n")[0])
     # train and tune get --log-level from TrainConfig (their workers log at that level too).
@@ -102,6 +115,12 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="dataset root, if not the one it trained on")
     ev.add_argument("--use-gpu", action="store_true")
     ev.set_defaults(run=_evaluate)
+    ex = add("export", "a checkpoint's backbone as a ResNet50 state_dict for --weights")
+    ex.add_argument("source", help="checkpoint folder, or a finished run folder (its best "
+                    "checkpoint); path or s3:// URI")
+    ex.add_argument("out", help="file to write: path or s3:// URI")
+    ex.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    ex.set_defaults(run=_export)
     return p
 
 

@@ -56,3 +56,47 @@ def test_a_tampered_checkpoint_with_a_pickle_payload_is_refused_and_never_runs(t
     assert cli(["evaluate", str(ckpt)]) == 2
     assert "refused to load" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_export_writes_the_backbone_that_weights_loads_with_its_sha256(tmp_path, capsys):
+    """`cifar-ray export` of a run's checkpoint: a plain ResNet50 state_dict (tensors only, no
+    head, no optimizer, no `fc`) that --weights loads with the sha256 it printed, and that a
+    wrong sha256 gets refused."""
+    import json
+
+    import torchvision
+
+    from cifar_ray import model as M
+    from cifar_ray import runs
+
+    trained = M.build("none", seed=3)
+    with torch.no_grad():
+        trained.backbone.conv1.weight.add_(1.0)  # unlike any fresh init
+    state = {"model": trained.state_dict(), "optimizer": {"state": {}, "param_groups": []},
+             "phase": 2, "epoch": 4, "history": [], "config": {}}
+    ckpt = tmp_path / "run" / "checkpoint-p2-e004"
+    ckpt.mkdir(parents=True)
+    checkpoint.write_dir(state, str(ckpt))
+    out = tmp_path / "backbone.pt"
+    assert cli(["export", str(ckpt), str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+
+    sd = torch.load(out, weights_only=True)
+    reference = torchvision.models.resnet50(weights=None).state_dict()
+    assert set(sd) == {k for k in reference if not k.startswith("fc.")}
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    loaded = M.build(str(out), printed["sha256"], num_classes=5, seed=9)
+    for k, v in trained.backbone.state_dict().items():
+        assert torch.equal(loaded.backbone.state_dict()[k], v), k
+    with pytest.raises(M.WeightsError, match="sha256 is"):
+        M.build(str(out), "0" * 64)
+
+    # A finished run folder exports its best checkpoint; nothing is overwritten silently.
+    runs.write_json(str(tmp_path / "run" / runs.RESULT), {"best_checkpoint": str(ckpt)})
+    assert cli(["export", str(tmp_path / "run"), str(out)]) == 2
+    assert "exists; choose another path or pass --overwrite" in capsys.readouterr().err
+    assert cli(["export", str(tmp_path / "run"), str(out), "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(ckpt)
+    assert cli(["export", str(tmp_path), str(tmp_path / "x.pt")]) == 2
+    assert "neither a checkpoint folder" in capsys.readouterr().err
