@@ -160,6 +160,10 @@ class PrepareConfig(_Config):
                                    "per split (quick real-data runs and benchmarks)")
     synthetic_size: int = _f(2000, "train+val images of the synthetic source (test gets "
                              "a fifth of that more)")
+    classes: list[str] | None = _f(None, "keep only these classes of the source, labelled "
+                                   "0, 1, ... in the order given (e.g. a transfer task's)")
+    test_size: int = _f(0, "images carved from train into a stratified test split when the "
+                        "source has none (0: no test split)")
 
     def __post_init__(self):
         _check(self.source in SOURCES, "--source", f"{self.source!r}; choose one of {SOURCES}")
@@ -173,6 +177,9 @@ class PrepareConfig(_Config):
                f"{self.max_per_class}; must be > 0")
         _check(self.synthetic_size >= 20, "--synthetic-size",
                f"{self.synthetic_size}; must be >= 20")
+        _check(self.classes is None or len(set(self.classes)) == len(self.classes) >= 2,
+               "--classes", f"{self.classes}; give two or more distinct class names")
+        _check(self.test_size >= 0, "--test-size", f"{self.test_size}; must be >= 0")
 
 
 @dataclass(frozen=True)

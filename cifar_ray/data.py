@@ -187,9 +187,11 @@ def _iter_folder(uri: str):
             raise DataError(f"{storage.display(uri)}: not a folder or tar archive ({e})") from e
 
 
-def read_folder(uri: str, max_per_class: int | None = None) -> tuple[dict[str, Split], list[str]]:
+def read_folder(uri: str, max_per_class: int | None = None, only: list[str] | None = None
+                ) -> tuple[dict[str, Split], list[str]]:
     """`[<split>/]<class>/<file>.{png,jpg}` in a folder or tar; classes sorted by name.
-    With `max_per_class`, only the first N files of each (split, class) are decoded."""
+    With `max_per_class`, only the first N files of each (split, class) are decoded; with
+    `only`, only those classes' files."""
     items: list[tuple[str, str, np.ndarray]] = []  # (split, class, pixels)
     taken: dict[tuple[str, str], int] = {}
     where = storage.display(uri)
@@ -201,6 +203,8 @@ def read_folder(uri: str, max_per_class: int | None = None) -> tuple[dict[str, S
             split, cls = "train", parts[-2]
         else:
             raise DataError(f"{where}/{rel}: expected [<split>/]<class>/<file>")
+        if only is not None and cls not in only:
+            continue
         taken[split, cls] = taken.get((split, cls), 0) + 1
         if max_per_class is not None and taken[split, cls] > max_per_class:
             continue
@@ -243,10 +247,26 @@ def read_synthetic(cfg: PrepareConfig) -> tuple[dict[str, Split], list[str]]:
 # ---------------------------------------------------------------- splitting and writing
 
 
-def stratified_split(s: Split, val_size: int, seed: int, num_classes: int) -> tuple[Split, Split]:
+def select_classes(splits: dict[str, Split], classes: list[str], wanted: list[str]
+                   ) -> tuple[dict[str, Split], list[str]]:
+    """Only the `wanted` classes' images, relabelled 0, 1, ... in that order."""
+    missing = [c for c in wanted if c not in classes]
+    if missing:
+        raise DataError(f"--classes: {missing} not among the source's classes {classes}")
+    new = np.full(len(classes), -1, np.int64)
+    new[[classes.index(c) for c in wanted]] = np.arange(len(wanted))
+    out = {}
+    for name, s in splits.items():
+        keep = new[s.labels] >= 0
+        out[name] = Split(s.images[keep], new[s.labels[keep]])
+    return out, list(wanted)
+
+
+def stratified_split(s: Split, val_size: int, seed: int, num_classes: int,
+                     flag: str = "--val-size") -> tuple[Split, Split]:
     """Carve `val_size` images from train, each class in proportion to its share."""
     if not 0 < val_size < len(s.labels):
-        raise DataError(f"--val-size {val_size}: must be in (0, {len(s.labels)}) for a train "
+        raise DataError(f"{flag} {val_size}: must be in (0, {len(s.labels)}) for a train "
                         f"split of {len(s.labels)} images")
     rng = np.random.default_rng(seed)
     counts = np.bincount(s.labels, minlength=num_classes)
@@ -285,7 +305,8 @@ def prepared_with(cfg: PrepareConfig) -> dict:
             "source_uri": storage.display(cfg.source_uri) if cfg.source_uri else None,
             "val_size": cfg.val_size, "seed": cfg.seed, "shard_size": cfg.shard_size,
             "max_per_class": cfg.max_per_class,
-            "synthetic_size": cfg.synthetic_size if cfg.source == "synthetic" else None}
+            "synthetic_size": cfg.synthetic_size if cfg.source == "synthetic" else None,
+            "classes": cfg.classes, "test_size": cfg.test_size or None}
     return {k: v for k, v in args.items() if v is not None}
 
 
@@ -309,7 +330,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.source == "archive":
         splits, classes = read_archive(cfg.source_uri)
     elif cfg.source == "folder":
-        splits, classes = read_folder(cfg.source_uri, cfg.max_per_class)
+        splits, classes = read_folder(cfg.source_uri, cfg.max_per_class, cfg.classes)
     elif cfg.source == "torchvision":
         splits, classes = read_torchvision(cfg.source_uri)
     else:
@@ -317,6 +338,11 @@ def prepare(cfg: PrepareConfig) -> dict:
     if "train" not in splits:
         raise DataError(f"{cfg.source} source {storage.display(cfg.source_uri or '')}: "
                         "no train split found")
+    if cfg.classes:
+        splits, classes = select_classes(splits, classes, cfg.classes)
+    if "test" not in splits and cfg.test_size > 0:  # before val: both come out of train
+        splits["train"], splits["test"] = stratified_split(
+            splits["train"], cfg.test_size, cfg.seed + 7, len(classes), "--test-size")
     if "val" not in splits and cfg.val_size > 0:
         splits["train"], splits["val"] = stratified_split(splits["train"], cfg.val_size,
                                                           cfg.seed, len(classes))

@@ -153,6 +153,36 @@ def test_real_cifar_jpeg_slice_from_the_shared_tar(tmp_path):
                                                                                  expected_y)
 
 
+def test_a_class_subset_with_its_own_test_split_from_the_shared_tar(tmp_path):
+    """A transfer task's dataset: five real classes of the tar, relabelled 0-4 in the order
+    given, with validation and test splits carved from train, stratified and disjoint."""
+    members = shared_tar_slice(per_class=20)
+    tar = write_tar(tmp_path / "slice.tar.gz", members)
+    wanted = ["horse", "cat", "deer", "dog", "frog"]
+    cfg = PrepareConfig(source="folder", source_uri=str(tar), data=str(tmp_path / "d"),
+                        dataset="animals", classes=wanted, val_size=15, test_size=25)
+    manifest = data.prepare(cfg)
+    assert manifest["classes"] == wanted
+    counts = {k: v["class_counts"] for k, v in manifest["splits"].items()}
+    assert counts == {"train": [12] * 5, "val": [3] * 5, "test": [5] * 5}
+    root = tmp_path / "d" / "animals"
+    splits = [_all(root, s) for s in ("train", "val", "test")]
+    index = {c: i for i, c in enumerate(wanted)}
+    kept = [(n, b) for n, b in members if n.split("/")[-2] in index]
+    expected_px = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+                            for _, b in kept])
+    expected_y = np.array([index[n.split("/")[-2]] for n, _ in kept])
+    assert _sorted_rows(np.concatenate([s.images for s in splits]),
+                        np.concatenate([s.labels for s in splits])) == _sorted_rows(
+        expected_px, expected_y)
+    with pytest.raises(data.DataError, match=r"--classes: \['sheep'\] not among"):
+        data.prepare(PrepareConfig(source="folder", source_uri=str(tar),
+                                   data=str(tmp_path / "d"), dataset="x",
+                                   classes=["cat", "sheep"]))
+    with pytest.raises(ValueError, match="--classes"):
+        PrepareConfig(classes=["cat"])
+
+
 def test_undecodable_image_is_named(tmp_path):
     f = tmp_path / "imgs" / "cat" / "broken.jpg"
     f.parent.mkdir(parents=True)
