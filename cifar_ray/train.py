@@ -25,7 +25,17 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from cifar_ray import checkpoint, cluster, data, logs, ray_internals, rendezvous, runs, storage
+from cifar_ray import (
+    checkpoint,
+    cluster,
+    data,
+    logs,
+    ray_internals,
+    rendezvous,
+    runs,
+    storage,
+    tracking,
+)
 from cifar_ray.config import PrepareConfig, TrainConfig
 from cifar_ray.engine import to_tensor
 from cifar_ray.errors import UserError
@@ -106,10 +116,11 @@ def upload_checkpoint(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Ch
     return ray.train.Checkpoint(dest, fs)
 
 
-def reporter(run_uri: str, rank: int):
+def reporter(run_uri: str, rank: int, board: tracking.TensorBoard | None):
     """The recipe's report callback: every rank reports (report is a barrier); rank 0 also
     writes the checkpoint, then our own metrics.jsonl (Result.metrics keeps only the last).
-    A mid-epoch report (a preemption notice's; it has a "step") adds no metrics row."""
+    A mid-epoch report (a preemption notice's; it has a "step") adds no metrics row. Rank 0
+    also logs each epoch's row to TensorBoard (`board`, <run>/tb/)."""
     def report(metrics: dict, state) -> None:
         with tempfile.TemporaryDirectory() as d:
             ckpt = history = None
@@ -123,6 +134,7 @@ def reporter(run_uri: str, rank: int):
                              checkpoint_dir_name=name)
             if history is not None:  # after the checkpoint: a metrics row implies its checkpoint
                 runs.write_metrics(run_uri, history)
+                board.epoch(metrics)
     return report
 
 
@@ -167,8 +179,13 @@ def train_loop_per_worker(config: dict) -> None:
         done = (f"step {resume['step']} of epoch {resume['epoch'] + 1}" if resume.get("step")
                 else f"epoch {resume['epoch'] + 1}")
         log.info(f"starting from {source}: phase {resume['phase']}, {done} done")
-    run_phases(cfg, model, splits, rt, reporter(cfg.run_uri(), rank), resume,
-               preemption_notice())
+    board = tracking.TensorBoard(cfg.run_uri()) if rank == 0 else None
+    try:
+        run_phases(cfg, model, splits, rt, reporter(cfg.run_uri(), rank, board), resume,
+                   preemption_notice())
+    finally:
+        if board is not None:
+            board.close()
     if rank == 0:
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)

@@ -328,3 +328,21 @@ def s3_proxy(s3_server):
         yield proxy
     finally:
         proxy.close()
+
+
+def tensorboard_scalars(blob: bytes) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from a TensorBoard event file: TFRecords (length, its CRC, an
+    Event protobuf, its CRC) parsed here, independently of the writer."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, dict[int, float]] = {}
+    pos = 0
+    while pos < len(blob):
+        (length,) = struct.unpack("<Q", blob[pos:pos + 8])
+        event = event_pb2.Event.FromString(blob[pos + 12:pos + 12 + length])
+        pos += 12 + length + 4
+        for v in event.summary.value:
+            out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out

@@ -20,7 +20,15 @@ import boto3
 import pytest
 import ray.train
 import yaml
-from conftest import FAKE_KEY_ID, FAKE_SECRET, descendants, fit_in_thread, listeners, wait_until
+from conftest import (
+    FAKE_KEY_ID,
+    FAKE_SECRET,
+    descendants,
+    fit_in_thread,
+    listeners,
+    tensorboard_scalars,
+    wait_until,
+)
 
 from cifar_ray import cluster, data, model, ray_internals, runs, storage, train
 from cifar_ray.config import PhaseConfig, TrainConfig
@@ -76,6 +84,15 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
             .decode().splitlines()]
     assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0)]
     assert summary["evaluated_split"] == "test" and 0 <= summary["evaluated_acc"] <= 1
+    # TensorBoard: rank 0's event file beside the metrics, the same values per epoch.
+    (events,) = [k for k in keys if k.startswith("runs/r1/tb/events.out.tfevents.")]
+    board = tensorboard_scalars(storage.read_bytes(f"s3://{bucket}/{events}"))
+    for r in rows:
+        for key, tag in (("val_acc", "accuracy/val"), ("train_loss", "loss/train"),
+                         ("lr_end", "lr/end"), ("images_per_s", "images_per_s")):
+            assert board[tag][r["global_epoch"]] == pytest.approx(r[key], rel=1e-6), (tag, r)
+        assert board[f"phase{r['phase']}/accuracy/val"][r["epoch"] + 1] == pytest.approx(
+            r["val_acc"], rel=1e-6)
     assert json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/result.json")) == summary
     # The stored config is the resolved one, and no credential leaked into anything written.
     assert json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/config.json"))["name"] == "r1"
