@@ -6,12 +6,13 @@
     cifar-ray inspect results/smoke-sweep --plots reports/
     cifar-ray evaluate results/smoke/checkpoint-p2-e000 --split test
     cifar-ray export results/smoke weights/smoke-backbone.pt     # then --weights/--weights-sha256
+    cifar-ray predict results/smoke/checkpoint-p2-e000 photos/ --top-k 3
 
 Flags come from the config dataclasses (config.py): `cifar-ray train --help` lists them all.
 Every subcommand takes --log-level (our own lines; Ray's: --ray-log-level). Errors in
 input (ValueError and our storage/data errors) print one line naming the flag, file or URI
 and exit with status 2, before any expensive work. Each subcommand imports only what it
-needs: `inspect`, `evaluate` and `export` never import Ray.
+needs: `inspect`, `evaluate`, `export` and `predict` (unless --ray) never import Ray.
 """
 
 from __future__ import annotations
@@ -84,6 +85,17 @@ def _export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(ns: argparse.Namespace) -> int:
+    from cifar_ray import predict
+
+    out = predict.predict(ns.checkpoint, ns.images, ns.top_k, ns.use_gpu, ns.data,
+                          True if ns.ray else None)
+    print(json.dumps(out, indent=2) if ns.json else predict.table(out))
+    if out["skipped"]:
+        print(f"{len(out['skipped'])} image(s) skipped: they do not decode", file=sys.stderr)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cifar-ray", description=__doc__.split("\n")[0])
     # train and tune get --log-level from TrainConfig (their workers log at that level too).
@@ -115,6 +127,18 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="dataset root, if not the one it trained on")
     ev.add_argument("--use-gpu", action="store_true")
     ev.set_defaults(run=_evaluate)
+    pr = add("predict", "classes of image files from a checkpoint")
+    pr.add_argument("checkpoint", help="checkpoint folder: path or s3:// URI")
+    pr.add_argument("images", nargs="+", help="image files, folders, tar archives or s3:// "
+                    "prefixes of .jpg/.png (any size: resized as training saw them)")
+    pr.add_argument("--top-k", type=int, default=1, help="classes shown per image")
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.add_argument("--use-gpu", action="store_true")
+    pr.add_argument("--data", default=None, help="dataset root holding the class names, if "
+                    "not the one it trained on")
+    pr.add_argument("--ray", action="store_true", help="through Ray Data (default: from "
+                    "2,000 images when RAY_ADDRESS is set)")
+    pr.set_defaults(run=_predict)
     ex = add("export", "a checkpoint's backbone as a ResNet50 state_dict for --weights")
     ex.add_argument("source", help="checkpoint folder, or a finished run folder (its best "
                     "checkpoint); path or s3:// URI")

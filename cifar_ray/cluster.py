@@ -72,8 +72,14 @@ def connect() -> bool:
 def needed_resources(cfg: TrainConfig) -> dict[str, float]:
     need = {"CPU": float(cfg.workers * cfg.cpus_per_worker)}
     if cfg.use_gpu:
-        need["GPU"] = float(cfg.workers)
+        need["GPU"] = cfg.workers * cfg.gpus_per_worker
     return need
+
+
+def fits(have: dict[str, float], need: dict[str, float]) -> int:
+    """How many times `need` fits in `have`, in Ray's own 1e-4 units (1 // 0.1 is 9 in
+    floating point; Ray fits 10 such tasks on a GPU)."""
+    return min(round(have.get(k, 0) * 10_000) // round(v * 10_000) for k, v in need.items())
 
 
 def shortfall(cfg: TrainConfig) -> dict[str, tuple[float, float]]:

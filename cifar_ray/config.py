@@ -229,6 +229,8 @@ class TrainConfig(_Config):
     workers: int = _f(2, "data-parallel Ray Train workers")
     use_gpu: bool = _f(False, "one GPU per worker (nccl, bf16 autocast, channels_last)")
     cpus_per_worker: int = _f(1, "CPUs reserved per worker (also its torch threads on CPU)")
+    gpus_per_worker: float = _f(1.0, "GPUs reserved per worker with --use-gpu; a fraction "
+                                "(0.25) packs several one-worker sweep trials on one GPU")
     weights: str = _f("imagenet", "backbone weights: imagenet (torchvision IMAGENET1K_V2), "
                       "none, or a path/URI of a ResNet50 state_dict")
     weights_sha256: str | None = _f(None, "expected sha256 of the --weights file")
@@ -250,6 +252,9 @@ class TrainConfig(_Config):
                                 "dropped connections before the attempt fails")
     resource_timeout_s: float = _f(120.0, "seconds to wait for the cluster to offer the "
                                    "requested workers (autoscaling) before failing")
+    progress_s: float | None = _f(None, "seconds between progress lines inside an epoch "
+                                  "(step, images/s, epoch ETA); default 30 when stdout is a "
+                                  "terminal, else none (0)")
     log_level: str = _f("INFO", "level of cifar_ray's own log lines, on the driver and on "
                         "rank 0 of every run (the other ranks only warn)", choices=LOG_LEVELS)
     ray_log_level: str = _f("WARNING", "level of Ray Train's own console logs (INFO shows "
@@ -264,6 +269,15 @@ class TrainConfig(_Config):
         _check(self.workers >= 1, "--workers", f"{self.workers}; must be >= 1")
         _check(self.cpus_per_worker >= 1, "--cpus-per-worker",
                f"{self.cpus_per_worker}; must be >= 1")
+        _check(0 < self.gpus_per_worker <= 1, "--gpus-per-worker",
+               f"{self.gpus_per_worker}; must be in (0, 1]: a worker trains on one GPU")
+        _check(self.gpus_per_worker == 1 or self.use_gpu, "--gpus-per-worker",
+               "only applies with --use-gpu")
+        _check(self.gpus_per_worker == 1 or self.workers == 1, "--gpus-per-worker",
+               f"{self.gpus_per_worker:g} with --workers {self.workers}: the ranks of one run "
+               "could land on the same GPU, and NCCL cannot share a device between ranks; use "
+               "--workers 1 (then several trials of a sweep share a GPU) or "
+               "--gpus-per-worker 1")
         _check(self.weights == "imagenet" or self.weights == "none" or bool(self.weights),
                "--weights", "use imagenet, none, or a path/URI")
         if self.weights_sha256 is not None:
@@ -287,6 +301,8 @@ class TrainConfig(_Config):
         for flag, level in (("--log-level", self.log_level),
                             ("--ray-log-level", self.ray_log_level)):
             _check(level in LOG_LEVELS, flag, f"{level!r}; choose one of {LOG_LEVELS}")
+        _check(self.progress_s is None or self.progress_s >= 0, "--progress-s",
+               f"{self.progress_s}; must be >= 0 (0: no progress lines)")
         _check(self.resource_timeout_s >= 0, "--resource-timeout-s",
                f"{self.resource_timeout_s}; must be >= 0")
 

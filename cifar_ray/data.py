@@ -151,7 +151,9 @@ def read_torchvision(cache_dir: str | None) -> tuple[dict[str, Split], list[str]
             for k, d in sets.items()}, classes
 
 
-def _decode(data: bytes, where: str) -> np.ndarray:
+def decode(data: bytes, where: str) -> np.ndarray:
+    """An image file's bytes as uint8 [32, 32, 3] RGB (any other size resized, as CIFAR's
+    own were made); a DataError naming `where` if it does not decode."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -164,7 +166,7 @@ def _decode(data: bytes, where: str) -> np.ndarray:
         raise DataError(f"{where}: cannot decode image ({e})") from e
 
 
-def _iter_folder(uri: str):
+def iter_images(uri: str):
     """Yield (relative path, bytes) of image files in a folder or a tar(.gz) of one."""
     fs, path = storage.resolve(uri)
     info = fs.get_file_info(path)
@@ -195,7 +197,7 @@ def read_folder(uri: str, max_per_class: int | None = None, only: list[str] | No
     items: list[tuple[str, str, np.ndarray]] = []  # (split, class, pixels)
     taken: dict[tuple[str, str], int] = {}
     where = storage.display(uri)
-    for rel, data in _iter_folder(uri):
+    for rel, data in iter_images(uri):
         parts = rel.split("/")
         if len(parts) >= 3 and parts[-3] in SPLITS:
             split, cls = parts[-3], parts[-2]
@@ -208,7 +210,7 @@ def read_folder(uri: str, max_per_class: int | None = None, only: list[str] | No
         taken[split, cls] = taken.get((split, cls), 0) + 1
         if max_per_class is not None and taken[split, cls] > max_per_class:
             continue
-        items.append((split, cls, _decode(data, f"{where}/{rel}")))
+        items.append((split, cls, decode(data, f"{where}/{rel}")))
     if not items:
         raise DataError(f"{where}: no .png/.jpg images found; expected [<split>/]<class>/<file>")
     classes = sorted({c for _, c, _ in items})

@@ -107,16 +107,16 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
                     batch_size: int, optimizer: torch.optim.Optimizer, scheduler,
                     loss_fn: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor],
                     gen: torch.Generator, amp_dtype: torch.dtype | None = None,
-                    start: int = 0, poll: Callable[[int, Callable[[], dict]], None] | None = None,
-                    poll_every: int = 1) -> dict:
+                    start: int = 0,
+                    on_step: Callable[[int, Callable[[], dict]], None] | None = None) -> dict:
     """One pass over (inputs, labels) in shuffled batches; returns sums, so that ranks can
     add them up: loss_sum, correct, count, seconds; and the LR of the first and the last step
     (lr_start, lr_end: the range the epoch trained with).
 
     `start` steps were done before (a resume from a checkpoint taken mid-epoch): they are
-    skipped. `poll(step, sums)` is called after every `poll_every`-th step with the steps done
-    so far and a function giving the sums so far (it syncs with the device: call it only when
-    they are needed)."""
+    skipped. `on_step(step, sums)` is called after every step with the steps done so far and a
+    function giving the sums so far (it syncs with the device: call it only when they are
+    needed)."""
     loss_sum = torch.zeros((), device=inputs.device)
     correct = torch.zeros((), device=inputs.device, dtype=torch.long)
     count = 0
@@ -148,8 +148,8 @@ def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         count += len(y)
-        if poll is not None and step % poll_every == 0:
-            poll(step, sums)
+        if on_step is not None:
+            on_step(step, sums)
     if inputs.device.type == "cuda":
         torch.cuda.synchronize(inputs.device)
     return sums()

@@ -209,17 +209,17 @@ def run_phases(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runt
         last_seconds = None
         for epoch in range(first, pc.epochs):
             carry = midway if midway and epoch == midway["epoch"] else None
-            poll = None
-            if notice is not None:
-                state = functools.partial(checkpoint_state, cfg, model, optimizer, scheduler,
-                                          phase, epoch, history)
-                poll = preemption_poll(notice, report, rt, phase, epoch, state, carry)
+            state = functools.partial(checkpoint_state, cfg, model, optimizer, scheduler,
+                                      phase, epoch, history)
+            on_step = step_hook(cfg, rt, phase, epoch, steps, carry["step"] if carry else 0,
+                                per_rank_batch, poll_every(steps, last_seconds),
+                                notice and preemption_poll(notice, report, rt, phase, epoch,
+                                                           state, carry))
             try:
                 tr, va = run_epoch(cfg, model, inputs, wrapped, data, rt, phase, epoch,
                                    optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
                                    batch_size=per_rank_batch, eval_batch=eval_batch,
-                                   start=carry["step"] if carry else 0, poll=poll,
-                                   poll_every=poll_every(steps, last_seconds))
+                                   start=carry["step"] if carry else 0, on_step=on_step)
             except torch.OutOfMemoryError:
                 raise out_of_memory(cfg, rt, phase, per_rank_batch) from None
             if carry:
@@ -237,9 +237,33 @@ def run_phases(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runt
     return history
 
 
+def step_hook(cfg: TrainConfig, rt: Runtime, phase: int, epoch: int, steps: int, start: int,
+              per_rank_batch: int, every: int, poll: Callable | None):
+    """What runs after each training step, if anything: rank 0's progress line every
+    --progress-s seconds (step, images/s, the epoch's ETA), and every `every` steps the
+    preemption poll (on all ranks)."""
+    progress = bool(cfg.progress_s) and rt.rank == 0
+    if not progress and poll is None:
+        return None
+    t0 = last = time.monotonic()
+
+    def on_step(step: int, sums: Callable[[], dict]) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if progress and now - last >= cfg.progress_s:
+            last = now
+            rate = (step - start) / (now - t0)  # steps/s since this attempt's start
+            log.info(f"[phase {phase} epoch {epoch + 1}/{cfg.phase(phase).epochs}] step "
+                     f"{step}/{steps} | {rate * per_rank_batch * rt.world:.0f} img/s | "
+                     f"epoch ETA {(steps - step) / rate:.0f} s")
+        if poll is not None and step % every == 0:
+            poll(step, sums)
+    return on_step
+
+
 def preemption_poll(notice: Callable[[], bool], report: Report, rt: Runtime, phase: int,
                     epoch: int, state: Callable[..., dict], carry: dict | None):
-    """The poll train_one_epoch calls every few steps: on a preemption notice, report a
+    """The poll step_hook calls every few steps: on a preemption notice, report a
     checkpoint of this very step (every rank takes part: the sums are reduced over ranks)."""
     def poll(step: int, sums: Callable[[], dict]) -> None:
         if not notice():
@@ -302,8 +326,8 @@ def out_of_memory(cfg: TrainConfig, rt: Runtime, phase: int, per_rank_batch: int
 def run_epoch(cfg: TrainConfig, model: Classifier, inputs: PhaseInputs, wrapped: nn.Module,
               data: DeviceSplits, rt: Runtime, phase: int, epoch: int, *, optimizer,
               scheduler, loss_fn: nn.Module, batch_size: int, eval_batch: int,
-              start: int = 0, poll=None, poll_every: int = 1) -> tuple[dict, dict]:
-    """One training pass (from step `start`, polling as train_one_epoch says) and one
+              start: int = 0, on_step=None) -> tuple[dict, dict]:
+    """One training pass (from step `start`, with train_one_epoch's `on_step`) and one
     validation pass: (train sums, val sums) of this rank."""
     # Seeded per (phase, epoch, rank): a resumed run replays the same order.
     seed = ((cfg.seed * 3 + phase) * 1009 + epoch) * 1009 + rt.rank
@@ -319,7 +343,7 @@ def run_epoch(cfg: TrainConfig, model: Classifier, inputs: PhaseInputs, wrapped:
                                 optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
                                 transform=transform_train,
                                 gen=torch.Generator().manual_seed(seed), amp_dtype=rt.amp_dtype,
-                                start=start, poll=poll, poll_every=poll_every)
+                                start=start, on_step=on_step)
     va = engine.evaluate(inputs.module, inputs.val_x, data.val_y, batch_size=eval_batch,
                          transform=transform_eval, amp_dtype=rt.amp_dtype)
     return tr, va

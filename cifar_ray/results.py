@@ -75,7 +75,7 @@ def load(exp: str) -> dict:
         max_epochs = cfg.phase2.epochs if cfg else 0
         best = runs.best_epoch(rows)
         wall = sum(r["seconds"] for r in rows)
-        gpus = cfg.workers if cfg and cfg.use_gpu else 0
+        gpus = cfg.workers * cfg.gpus_per_worker if cfg and cfg.use_gpu else 0
         trials.append(Trial(
             trial=name, lr=cfg.phase2.lr if cfg else None,
             weight_decay=cfg.phase2.weight_decay if cfg else None, status=st,

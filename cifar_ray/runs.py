@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 CONFIG, METRICS, FINAL, RESULT = "config.json", "metrics.jsonl", "model_final.pt", "result.json"
 PHASE1, TRIALS, BEST = "phase1", "trials", "best.json"
 # Fields that may change between a run and its resumption: they say how to run, not what.
-OPERATIONAL = {"workers", "use_gpu", "cpus_per_worker", "max_failures", "resource_timeout_s",
-               "overwrite", "smoke", "data", "storage", "keep_checkpoints", "log_level",
-               "ray_log_level", "compile", "storage_retry_s"}
+OPERATIONAL = {"workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures",
+               "resource_timeout_s", "overwrite", "smoke", "data", "storage", "keep_checkpoints",
+               "log_level", "ray_log_level", "compile", "storage_retry_s", "progress_s"}
 
 
 class RunExistsError(UserError, RuntimeError):

@@ -16,6 +16,7 @@ import logging
 import os
 import posixpath
 import shutil
+import sys
 import tempfile
 import time
 
@@ -207,8 +208,11 @@ def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     if cfg.smoke:
         data.prepare(PrepareConfig(source="synthetic", data=cfg.data, dataset=cfg.dataset,
                                    val_size=400, synthetic_size=2000))
+    # Progress lines inside an epoch by default only where someone watches this terminal.
+    progress = cfg.progress_s if cfg.progress_s is not None else (
+        30.0 if sys.stdout.isatty() else 0.0)
     cfg = dataclasses.replace(cfg, data=storage.normalize(cfg.data),
-                              storage=storage.normalize(cfg.storage))
+                              storage=storage.normalize(cfg.storage), progress_s=progress)
     manifest = data.read_manifest(cfg.dataset_uri())
     for split in ("train", "val"):
         if split not in manifest["splits"]:
@@ -261,7 +265,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrain
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker,
-                                  **({"GPU": 1} if cfg.use_gpu else {})}),
+                                  **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(
@@ -308,7 +312,7 @@ def no_room_to_restart(cfg: TrainConfig) -> cluster.ResourceError:
 def evaluate_remote(ckpt_uri: str, cfg: TrainConfig, split: str) -> dict:
     """evaluate_checkpoint as a Ray task with one worker's resources (its GPU, if any)."""
     task = ray.remote(evaluate_checkpoint).options(
-        num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0,
+        num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker if cfg.use_gpu else 0,
         runtime_env=cluster.worker_env())
     return ray.get(task.remote(ckpt_uri, cfg, split))
 

@@ -102,12 +102,11 @@ def run_trial(params: dict) -> None:
 
 
 def concurrency(cfg: SweepConfig) -> int:
-    """Trials that fit on the cluster at once, from its CPUs (and GPUs)."""
+    """Trials that fit on the cluster at once, from its CPUs (and GPUs, fractions included:
+    --gpus-per-worker 0.25 puts 4 one-worker trials on each GPU, CPUs permitting)."""
     if cfg.max_concurrent_trials:
         return cfg.max_concurrent_trials
-    have = ray.cluster_resources()
-    need = cluster.needed_resources(cfg.train)
-    return max(1, min(int(have.get(k, 0) // v) for k, v in need.items()))
+    return max(1, cluster.fits(ray.cluster_resources(), cluster.needed_resources(cfg.train)))
 
 
 def run_phase1(cfg: SweepConfig, manifest: dict) -> dict | None:

@@ -118,6 +118,21 @@ def test_preemption_polls_are_seconds_apart_and_at_least_four_an_epoch():
     assert recipe.poll_every(2, None) == 1
 
 
+def test_progress_lines_inside_an_epoch_only_when_asked(tiny, caplog):
+    cfg = _cfg(phase1=PhaseConfig(epochs=0),
+               phase2=PhaseConfig(epochs=1, lr=1e-4, batch_size=64, augment=True))
+    with caplog.at_level("INFO", logger="cifar_ray"):
+        _run(dataclasses.replace(cfg, progress_s=1e-9), tiny)  # after every step
+    lines = [r.getMessage() for r in caplog.records if "] step " in r.getMessage()]
+    assert [line.split(" | ")[0] for line in lines] == [
+        f"[phase 2 epoch 1/1] step {i}/3" for i in (1, 2, 3)]
+    assert all(line.endswith(" s") and "img/s | epoch ETA" in line for line in lines)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cifar_ray"):
+        _run(dataclasses.replace(cfg, progress_s=0), tiny)
+    assert not [r for r in caplog.records if "] step " in r.getMessage()]
+
+
 def test_batch_larger_than_the_data_is_named(tiny):
     with pytest.raises(ValueError, match="--phase1-batch-size 512"):
         _run(_cfg(phase1=PhaseConfig(epochs=1, batch_size=512)), tiny)
