@@ -4,6 +4,7 @@
     cifar-ray train --smoke
     cifar-ray tune --smoke
     cifar-ray inspect results/smoke-sweep --plots reports/
+    cifar-ray inspect results/smoke --html reports/smoke.html     # a run, or a sweep
     cifar-ray evaluate results/smoke/checkpoint-p2-e000 --split test
     cifar-ray export results/smoke weights/smoke-backbone.pt     # then --weights/--weights-sha256
     cifar-ray predict results/smoke/checkpoint-p2-e000 photos/ --top-k 3
@@ -53,9 +54,14 @@ def _inspect(ns: argparse.Namespace) -> int:
     exp = storage.normalize(ns.experiment)
     info = results.load(exp)
     print(json.dumps(results.to_json(info), indent=2) if ns.json else results.table(info))
+    where = sys.stderr if ns.json else sys.stdout
     if ns.plots:
         for path in results.plots(exp, info, ns.plots):
-            print(f"wrote {path}", file=sys.stderr if ns.json else sys.stdout)
+            print(f"wrote {path}", file=where)
+    if ns.html:
+        from cifar_ray import report
+
+        print(f"wrote {report.write_html(exp, info, ns.html)}", file=where)
     return 0
 
 
@@ -116,10 +122,12 @@ def parser() -> argparse.ArgumentParser:
     tu = add("tune", "Ray Tune sweep of the phase-2 learning rate", config=True)
     SweepConfig.add_arguments(tu)
     tu.set_defaults(run=_tune)
-    ins = add("inspect", "read a sweep from storage: table, JSON, plots")
-    ins.add_argument("experiment", help="experiment folder: <storage>/<name> (path or s3://)")
+    ins = add("inspect", "read a sweep or a run from storage: table, JSON, plots, HTML")
+    ins.add_argument("experiment", help="experiment or run folder: <storage>/<name> (path or "
+                     "s3://)")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR")
+    ins.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
     ins.set_defaults(run=_inspect)
     ev = add("evaluate", "accuracy of a checkpoint on a split")
     ev.add_argument("checkpoint", help="checkpoint folder: path or s3:// URI")

@@ -60,11 +60,15 @@ def _tune_status(exp: str) -> dict[str, str]:
 
 
 def load(exp: str) -> dict:
-    """Everything `inspect` shows, as plain data."""
+    """Everything `inspect` shows, as plain data: of a sweep, or of a single run (then the
+    dict has "run" instead of "experiment")."""
     names = storage.list_dir(exp) if storage.exists(exp) else []
     if TRIALS not in names and PHASE1 not in names:
-        raise NoExperimentError(f"{storage.display(exp)}: holds no cifar_ray sweep (expected "
-                                f"{PHASE1}/ and {TRIALS}/ from `cifar-ray tune`)")
+        if runs.CONFIG in names:
+            return load_run(exp)
+        raise NoExperimentError(f"{storage.display(exp)}: holds no cifar_ray sweep or run "
+                                f"(expected {PHASE1}/ and {TRIALS}/ from `cifar-ray tune`, or "
+                                f"{runs.CONFIG} from `cifar-ray train`)")
     status = _tune_status(exp)
     trials_uri = storage.join(exp, TRIALS)
     trials = []
@@ -99,7 +103,28 @@ def load(exp: str) -> dict:
             "best": runs.read_json(storage.join(exp, BEST))}
 
 
+def load_run(run: str) -> dict:
+    return {"run": storage.display(run), "config": runs.read_config(run).to_dict(),
+            "rows": runs.read_metrics(run), "result": runs.read_json(storage.join(run,
+                                                                                 runs.RESULT))}
+
+
+def run_table(info: dict) -> str:
+    lines = [f"run {info['run']}",
+             f"{'phase':>5} {'epoch':>5} {'train loss':>10} {'train acc':>9} {'val loss':>9} "
+             f"{'val acc':>8} {'lr end':>9} {'img/s':>7} {'s':>7}"]
+    for r in info["rows"]:
+        lines.append(f"{r['phase']:>5} {r['epoch'] + 1:>5} {r['train_loss']:>10.4f} "
+                     f"{r['train_acc']:>9.4f} {r['val_loss']:>9.4f} {r['val_acc']:>8.4f} "
+                     f"{r['lr_end']:>9.2e} {r['images_per_s']:>7.0f} {r['seconds']:>7.1f}")
+    lines.append(runs.describe(info["result"]) if info["result"]
+                 else "no result.json yet: the run has not finished")
+    return "\n".join(lines)
+
+
 def table(info: dict) -> str:
+    if "run" in info:
+        return run_table(info)
     head = (f"{'':2}{'trial':22} {'lr':>9} {'status':>11} {'epochs':>7} {'early':>6} "
             f"{'best val':>9} {'wall s':>8} {'GPU-h':>6}")
     lines = [f"experiment {info['experiment']}", head]
@@ -121,6 +146,8 @@ def table(info: dict) -> str:
 
 
 def to_json(info: dict) -> dict:
+    if "run" in info:
+        return info
     return {"experiment": info["experiment"], "best": info["best"],
             "phase1": info["phase1"],
             "trials": [{k: v for k, v in asdict(t).items() if k != "curve"}
@@ -132,23 +159,37 @@ def to_json(info: dict) -> dict:
 FIGSIZE, DPI = (8, 6), 100  # every PNG is 800 x 600 pixels
 
 
-def plots(exp: str, info: dict, out_dir: str, samples: int = 32) -> list[str]:
-    """Learning curves, LR vs best val accuracy, and (once best.json exists) the best
-    checkpoint's confusion matrix and sample predictions on the test split."""
+def _pyplot():
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def _saver(out_dir: str, written: list[str]):
+    plt = _pyplot()
     os.makedirs(out_dir, exist_ok=True)
-    written = []
 
     def save(fig, name):
         path = os.path.join(out_dir, name)
         fig.savefig(path, dpi=DPI)
         plt.close(fig)
         written.append(path)
+    return save
+
+
+def plots(exp: str, info: dict, out_dir: str, samples: int = 32) -> list[str]:
+    """Learning curves, LR vs best val accuracy, and (once best.json exists) the best
+    checkpoint's confusion matrix and sample predictions on the test split. For a single
+    run: its curves and (once result.json exists) the same for its best checkpoint."""
+    import matplotlib.ticker
+
+    if "run" in info:
+        return run_plots(exp, info, out_dir, samples)
+    plt = _pyplot()
+    written: list[str] = []
+    save = _saver(out_dir, written)
 
     p1 = info["phase1"]
     fig, ax = plt.subplots(figsize=FIGSIZE)
@@ -180,15 +221,46 @@ def plots(exp: str, info: dict, out_dir: str, samples: int = 32) -> list[str]:
     save(fig, "lr_vs_val_acc.png")
 
     if info["best"]:
-        _best_plots(exp, info["best"], samples, plt, save)
+        # Rebuilt from the experiment URI: best.json shows URIs without their ?query part.
+        _evaluation_plots(storage.join(exp, TRIALS, info["best"]["trial"]), info["best"],
+                          samples, save)
     return written
 
 
-def _best_plots(exp: str, best: dict, samples: int, plt, save) -> None:
-    # Rebuilt from the experiment URI: best.json shows URIs without their ?query part.
-    run = storage.join(exp, TRIALS, best["trial"])
+def run_plots(run: str, info: dict, out_dir: str, samples: int = 32) -> list[str]:
+    """One run's accuracy and loss per epoch through both phases, and its best
+    checkpoint's confusion matrix and sample predictions once it has finished."""
+    import matplotlib.ticker
+
+    plt = _pyplot()
+    written: list[str] = []
+    save = _saver(out_dir, written)
+    rows = info["rows"]
+    fig, (acc, loss) = plt.subplots(2, 1, figsize=FIGSIZE, sharex=True)
+    x = [r["global_epoch"] for r in rows]
+    for ax, key in ((acc, "acc"), (loss, "loss")):
+        ax.plot(x, [r[f"train_{key}"] for r in rows], "-o", label="train")
+        ax.plot(x, [r[f"val_{key}"] for r in rows], "-o", label="val")
+        p1 = sum(r["phase"] == 1 for r in rows)
+        if 0 < p1 < len(rows):
+            ax.axvline(p1 + 0.5, color="grey", ls="--", lw=1)
+        ax.set(ylabel=key)
+        ax.legend(fontsize=8)
+    loss.set(xlabel="epoch (phase 1, then phase 2)")
+    loss.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    acc.set(title="Learning curves")
+    save(fig, "learning_curves.png")
+    if info["result"]:
+        _evaluation_plots(run, info["result"], samples, save)
+    return written
+
+
+def _evaluation_plots(run: str, best: dict, samples: int, save) -> None:
+    """Confusion matrix and sample predictions of a run's best checkpoint (result.json's or
+    best.json's keys), on the split it was scored on."""
     from cifar_ray.evaluate import evaluate_checkpoint  # torch: only for these two plots
 
+    plt = _pyplot()
     ckpt = storage.join(run, os.path.basename(best["best_checkpoint"]))
     cfg = runs.read_config(run)
     ev = evaluate_checkpoint(ckpt, cfg, best["evaluated_split"])
