@@ -252,6 +252,11 @@ class TrainConfig(_Config):
                                 "dropped connections before the attempt fails")
     resource_timeout_s: float = _f(120.0, "seconds to wait for the cluster to offer the "
                                    "requested workers (autoscaling) before failing")
+    mlflow_tracking_uri: str | None = _f(None, "also track the run in MLflow there (pip "
+                                         "install -e '.[mlflow]'); credentials from MLflow's "
+                                         "own environment variables")
+    mlflow_experiment: str = _f("cifar_ray", "MLflow experiment of the run (a sweep uses its "
+                                "--name)")
     progress_s: float | None = _f(None, "seconds between progress lines inside an epoch "
                                   "(step, images/s, epoch ETA); default 30 when stdout is a "
                                   "terminal, else none (0)")

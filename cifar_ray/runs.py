@@ -34,7 +34,8 @@ PHASE1, TRIALS, BEST = "phase1", "trials", "best.json"
 # Fields that may change between a run and its resumption: they say how to run, not what.
 OPERATIONAL = {"workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures",
                "resource_timeout_s", "overwrite", "smoke", "data", "storage", "keep_checkpoints",
-               "log_level", "ray_log_level", "compile", "storage_retry_s", "progress_s"}
+               "log_level", "ray_log_level", "compile", "storage_retry_s", "progress_s",
+               "mlflow_tracking_uri", "mlflow_experiment"}
 
 
 class RunExistsError(UserError, RuntimeError):

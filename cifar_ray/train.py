@@ -117,11 +117,12 @@ def upload_checkpoint(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Ch
     return ray.train.Checkpoint(dest, fs)
 
 
-def reporter(run_uri: str, rank: int, board: tracking.TensorBoard | None):
+def reporter(run_uri: str, rank: int, board: tracking.TensorBoard | None,
+             flow: tracking.MLflow | None = None):
     """The recipe's report callback: every rank reports (report is a barrier); rank 0 also
     writes the checkpoint, then our own metrics.jsonl (Result.metrics keeps only the last).
     A mid-epoch report (a preemption notice's; it has a "step") adds no metrics row. Rank 0
-    also logs each epoch's row to TensorBoard (`board`, <run>/tb/)."""
+    also logs each epoch's row to TensorBoard (`board`, <run>/tb/) and MLflow (`flow`)."""
     def report(metrics: dict, state) -> None:
         with tempfile.TemporaryDirectory() as d:
             ckpt = history = None
@@ -136,6 +137,8 @@ def reporter(run_uri: str, rank: int, board: tracking.TensorBoard | None):
             if history is not None:  # after the checkpoint: a metrics row implies its checkpoint
                 runs.write_metrics(run_uri, history)
                 board.epoch(metrics)
+                if flow is not None:
+                    flow.epoch(metrics)
     return report
 
 
@@ -181,12 +184,15 @@ def train_loop_per_worker(config: dict) -> None:
                 else f"epoch {resume['epoch'] + 1}")
         log.info(f"starting from {source}: phase {resume['phase']}, {done} done")
     board = tracking.TensorBoard(cfg.run_uri()) if rank == 0 else None
+    flow = tracking.mlflow_run(cfg, params=True) if rank == 0 else None
     try:
-        run_phases(cfg, model, splits, rt, reporter(cfg.run_uri(), rank, board), resume,
+        run_phases(cfg, model, splits, rt, reporter(cfg.run_uri(), rank, board, flow), resume,
                    preemption_notice())
     finally:
         if board is not None:
             board.close()
+    if flow is not None:
+        flow.end()
     if rank == 0:
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
@@ -205,6 +211,8 @@ def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     dataset's manifest."""
     if cfg.compile:
         check_compiler(cfg.use_gpu)
+    if cfg.mlflow_tracking_uri:
+        tracking.check_mlflow(cfg.mlflow_tracking_uri)
     if cfg.smoke:
         data.prepare(PrepareConfig(source="synthetic", data=cfg.data, dataset=cfg.dataset,
                                    val_size=400, synthetic_size=2000))
@@ -343,9 +351,20 @@ def run_and_evaluate(cfg: TrainConfig, manifest: dict) -> dict:
                **score_best(run_uri, cfg, manifest, history),
                "final_weights": storage.display(storage.join(run_uri, runs.FINAL))}
     runs.write_json(storage.join(run_uri, runs.RESULT), summary)
+    record_result(cfg, summary)
     log.info(f"{runs.describe(summary)}; wall {wall:.0f} s")
     log.info(f"run folder: {summary['run']}")
     return summary
+
+
+def record_result(cfg: TrainConfig, summary: dict) -> None:
+    """With MLflow: the best checkpoint and its test accuracy, on the run's MLflow run."""
+    flow = tracking.mlflow_run(cfg)
+    if flow is not None:
+        try:
+            flow.result(summary)
+        except Exception as e:
+            log.warning(f"MLflow: result not logged ({e})")
 
 
 def fit(cfg: TrainConfig) -> dict:

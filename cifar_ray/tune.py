@@ -127,6 +127,7 @@ def sweep(cfg: SweepConfig) -> dict:
     """Run (or resume) the sweep end to end; returns best.json's contents."""
     cfg = cfg.with_smoke()
     t, manifest = train.preflight(cfg.train)
+    t = dataclasses.replace(t, mlflow_experiment=t.name)  # phase 1 and the trials, in MLflow
     storage.RETRY_S = t.storage_retry_s
     cfg = dataclasses.replace(cfg, train=t)
     phase1_config(cfg)  # derived configs validate here, before Ray starts
@@ -179,6 +180,7 @@ def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool) -> dict:
                  "scheduler": cfg.scheduler})
     best_uri = storage.join(exp, runs.BEST)
     runs.write_json(best_uri, best)
+    train.record_result(runs.read_config(storage.join(exp, runs.TRIALS, best["trial"])), best)
     log.info(f"best trial {best['trial']}: lr {best['lr']:.3g}; {runs.describe(best)} "
              f"({storage.display(best_uri)})")
     return best
