@@ -232,8 +232,7 @@ def run_phases(cfg: TrainConfig, model: Classifier, data: DeviceSplits, rt: Runt
             last_seconds = metrics["seconds"] - setup  # the same on every rank (reduced)
             history.append(metrics)
             log.info(epoch_line(cfg, metrics))
-            report(metrics, functools.partial(checkpoint_state, cfg, model, optimizer,
-                                              scheduler, phase, epoch, history))
+            report(metrics, state)
     return history
 
 

@@ -14,10 +14,13 @@ pretrains itself (ImageNet weights cannot be had here). Prints a table and write
      a. the default two-phase recipe; b. phase 1 only (head on frozen features);
      c. from scratch, for as many epochs as fit in (a)'s training time;
      d. (a) at --image-size 64;
-     e. a short ASHA sweep of phase 2's LR (jobs/tune.py's path), from the shared phase 1.
-Every run goes through train.fit / tune.sweep, what jobs/train.py and jobs/tune.py call,
-on a local Ray instance. Runs are named, so an interrupted experiment resumes where it
-stopped and finished runs are read back, not rerun.
+     e. a short ASHA sweep of phase 2's LR (jobs/tune.py's path), from the shared phase 1;
+     f. probes of phase 1 alone, in this process (recipe.run_phases, no Ray): the head on
+        frozen transferred features and on frozen random ones, for the default 10 epochs
+        and for 60 (more steps: the target set gives phase 1 only 13 a epoch).
+Every run but (f) goes through train.fit / tune.sweep, what jobs/train.py and jobs/tune.py
+call, on a local Ray instance. Runs are named, so an interrupted experiment resumes where
+it stopped and finished runs are read back, not rerun.
 """
 
 from __future__ import annotations
@@ -67,6 +70,33 @@ def summary(name: str, cfg: TrainConfig, result: dict) -> dict:
             "phase1_val_per_epoch": [round(r["val_acc"], 4) for r in rows if r["phase"] == 1]}
 
 
+def probes(target: TrainConfig, threads: int) -> dict:
+    """(f): phase 1 alone on frozen features, transferred and random, 10 and 60 epochs."""
+    import torch
+
+    from cifar_ray import engine, recipe
+    from cifar_ray.model import build
+
+    torch.set_num_threads(threads)
+    uri = target.dataset_uri()
+    tr, va = data.load_split(uri, "train"), data.load_split(uri, "val")
+    splits = recipe.DeviceSplits(engine.to_tensor(tr.images), torch.from_numpy(tr.labels),
+                                 engine.to_tensor(va.images), torch.from_numpy(va.labels))
+    out = {}
+    for weights in ("source", "random"):
+        for epochs in (10, 60):
+            cfg = dataclasses.replace(
+                target, phase1=dataclasses.replace(target.phase1, epochs=epochs),
+                phase2=NO_PHASE, **({} if weights == "source" else
+                                    {"weights": "none", "weights_sha256": None}))
+            model = build(cfg.weights, cfg.weights_sha256, len(TARGET), cfg.seed)
+            rows = recipe.run_phases(cfg, model, splits, recipe.Runtime(), lambda m, s: None)
+            out[f"{weights} features, {epochs} epochs"] = {
+                "train_acc": rows[-1]["train_acc"],
+                "best_val": max(r["val_acc"] for r in rows)}
+    return out
+
+
 def exported(source: TrainConfig, path: str) -> tuple[str, str]:
     """(weights file, sha256): the source run's best backbone, exported once."""
     if not os.path.exists(path):
@@ -88,8 +118,8 @@ def main() -> None:
     ap.add_argument("--target-per-class", type=int, default=1000,
                     help="target images per class (before the val and test splits)")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the one training worker")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["64", "sweep"],
-                    help="leave out run d (64 px) or e (the sweep)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["64", "sweep", "probes"],
+                    help="leave out run d (64 px), e (the sweep) or f (the probes)")
     ap.add_argument("--out", default=None, help="JSON path (default <root>/transfer.json)")
     args = ap.parse_args()
     logs.setup("INFO")
@@ -150,6 +180,9 @@ def main() -> None:
         results["sweep"] = {"best_lr": best["lr"], "test_acc": best["evaluated_acc"],
                             "trials": dict(sorted(trials.items(), key=lambda kv: float(kv[0])))}
 
+    if "probes" not in args.skip:
+        results["probes"] = probes(a, args.cpus)
+
     print(f"\n{'run':<22}{'img':>5}{'epochs':>9}{'train s':>9}{'wall s':>8}"
           f"{'val p1':>8}{'val p2':>8}{'test':>8}")
     for k in ("source", "a", "b", "c", "d"):
@@ -170,6 +203,9 @@ def main() -> None:
         print(f"sweep: best LR {s['best_lr']:g} (test {s['test_acc']:.4f}); trials "
               + ", ".join(f"{lr}: {t['epochs']} epochs, val {t['best_val']:.4f}"
                           for lr, t in s["trials"].items()))
+    for name, p in results.get("probes", {}).items():
+        print(f"phase 1 alone, {name}: train acc {p['train_acc']:.4f}, best val "
+              f"{p['best_val']:.4f}")
     out = args.out or os.path.join(root, "transfer.json")
     with open(out, "w") as f:
         json.dump({"machine": f"{platform.processor() or platform.machine()}, "
