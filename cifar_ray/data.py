@@ -162,7 +162,9 @@ def decode(data: bytes, where: str) -> np.ndarray:
             if im.size != (SIDE, SIDE):  # CIFAR-shaped input expected; resize anything else
                 im = im.resize((SIDE, SIDE), Image.BICUBIC)
             return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError as e:  # PIL's own text names a BytesIO object, not the file
+        raise DataError(f"{where}: cannot decode image (not a JPEG or PNG image)") from e
+    except (OSError, ValueError) as e:  # a truncated or corrupt file of a known format
         raise DataError(f"{where}: cannot decode image ({e})") from e
 
 

@@ -121,6 +121,10 @@ class MLflow:
 
     def __init__(self, uri: str, experiment: str, run_uri: str, name: str,
                  params: dict | None = None):
+        # MLflow retries a failed request 7 times with backoff (minutes) by default: a server
+        # gone mid-run would hold every epoch that long. The user's own settings win.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow import MlflowClient
         from mlflow.entities import Param
 

@@ -89,7 +89,7 @@ def test_predictions_for_a_folder_a_tar_and_a_file_with_bad_images_skipped(train
     assert len(names) == 24 + 6 + 1 and "lone-c" in names[-1]
     assert any("/sub/" in n for n in names) and any("more.tar.gz/more/" in n for n in names)
     assert [s["file"] for s in out["skipped"]] == [f"{trained['imgs']}/broken.jpg"]
-    assert "cannot decode image" in out["skipped"][0]["error"]
+    assert out["skipped"][0]["error"] == "cannot decode image (not a JPEG or PNG image)"
     for r in out["predictions"]:
         p = [x["probability"] for x in r["predictions"]]
         assert len(p) == 3 and p == sorted(p, reverse=True) and sum(p) <= 1 + 1e-5
