@@ -66,13 +66,8 @@ def _sweep_body(info: dict) -> tuple[str, str]:
 
 
 def _run_body(info: dict) -> tuple[str, str]:
-    table = _table(
-        ["phase", "epoch", "train loss", "train acc", "val loss", "val acc", "lr end", "img/s",
-         "s"],
-        [[str(r["phase"]), str(r["epoch"] + 1), f"{r['train_loss']:.4f}",
-          f"{r['train_acc']:.4f}", f"{r['val_loss']:.4f}", f"{r['val_acc']:.4f}",
-          f"{r['lr_end']:.2e}", f"{r['images_per_s']:.0f}", f"{r['seconds']:.1f}"]
-         for r in info["rows"]])
+    table = _table([h for h, _, _ in results.EPOCH_COLUMNS],
+                   [results.epoch_cells(r) for r in info["rows"]])
     res = info["result"]
     summary = html.escape(results.runs.describe(res)) if res else "The run has not finished."
     return info["run"], f"<p>{summary}</p><h2>Epochs</h2>{table}"

@@ -109,14 +109,27 @@ def load_run(run: str) -> dict:
                                                                                  runs.RESULT))}
 
 
+# One run's epoch table: (header, width, cell of a metrics row), for the text and the HTML.
+EPOCH_COLUMNS = (("phase", 5, lambda r: str(r["phase"])),
+                 ("epoch", 5, lambda r: str(r["epoch"] + 1)),
+                 ("train loss", 10, lambda r: f"{r['train_loss']:.4f}"),
+                 ("train acc", 9, lambda r: f"{r['train_acc']:.4f}"),
+                 ("val loss", 9, lambda r: f"{r['val_loss']:.4f}"),
+                 ("val acc", 8, lambda r: f"{r['val_acc']:.4f}"),
+                 ("lr end", 9, lambda r: f"{r['lr_end']:.2e}"),
+                 ("img/s", 7, lambda r: f"{r['images_per_s']:.0f}"),
+                 ("s", 7, lambda r: f"{r['seconds']:.1f}"))
+
+
+def epoch_cells(row: dict) -> list[str]:
+    return [cell(row) for _, _, cell in EPOCH_COLUMNS]
+
+
 def run_table(info: dict) -> str:
-    lines = [f"run {info['run']}",
-             f"{'phase':>5} {'epoch':>5} {'train loss':>10} {'train acc':>9} {'val loss':>9} "
-             f"{'val acc':>8} {'lr end':>9} {'img/s':>7} {'s':>7}"]
+    lines = [f"run {info['run']}", " ".join(f"{h:>{w}}" for h, w, _ in EPOCH_COLUMNS)]
     for r in info["rows"]:
-        lines.append(f"{r['phase']:>5} {r['epoch'] + 1:>5} {r['train_loss']:>10.4f} "
-                     f"{r['train_acc']:>9.4f} {r['val_loss']:>9.4f} {r['val_acc']:>8.4f} "
-                     f"{r['lr_end']:>9.2e} {r['images_per_s']:>7.0f} {r['seconds']:>7.1f}")
+        lines.append(" ".join(f"{c:>{w}}" for c, (_, w, _) in zip(epoch_cells(r),
+                                                                   EPOCH_COLUMNS, strict=True)))
     lines.append(runs.describe(info["result"]) if info["result"]
                  else "no result.json yet: the run has not finished")
     return "\n".join(lines)

@@ -259,13 +259,17 @@ START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 MIN_START_TIMEOUT_S = 10.0
 
 
+def restart_wait_s(cfg: TrainConfig) -> float:
+    return max(cfg.resource_timeout_s, MIN_START_TIMEOUT_S)
+
+
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrainer:
     storage_path, storage_fs = storage.for_ray(cfg.storage, cfg.storage_retry_s)
     # A restart after a lost node waits --resource-timeout-s for room, as the first start does
     # (cluster.wait_for_resources), and then the run stops (fit_trainer says why). Train's own
     # default is 60 s retried without limit (controller_failure_limit -1): a run whose node
     # never came back waited forever, holding the rest of the cluster.
-    os.environ[START_TIMEOUT_ENV] = str(max(cfg.resource_timeout_s, MIN_START_TIMEOUT_S))
+    os.environ[START_TIMEOUT_ENV] = str(restart_wait_s(cfg))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
@@ -312,7 +316,7 @@ def no_room_to_restart(cfg: TrainConfig) -> cluster.ResourceError:
     return cluster.ResourceError(
         f"run {storage.display(cfg.run_uri())}: its workers were lost and --workers "
         f"{cfg.workers} could not be placed again within "
-        f"{max(cfg.resource_timeout_s, MIN_START_TIMEOUT_S):g} s (--resource-timeout-s): "
+        f"{restart_wait_s(cfg):g} s (--resource-timeout-s): "
         f"{cluster.describe_shortfall(short) or 'the cluster had room only after the wait'}. "
         f"Run the same command again once the cluster has room: it resumes from {where}.")
 
