@@ -35,13 +35,22 @@ class ResourceError(UserError, RuntimeError):
     """The cluster cannot place the requested workers within the bounded wait."""
 
 
+# A private local instance serves one job: Ray's metrics export (no Prometheus scrapes it),
+# its usage report (nothing may phone home from an air-gapped box) and the idle workers it
+# starts ahead of demand (Train and Tune start their actors themselves) are left out.
+LEAN_LOCAL_CONFIG = {"enable_metrics_collection": False, "enable_worker_prestart": False,
+                     "prestart_worker_first_driver": False}
+
+
 def worker_env() -> dict:
     """runtime_env for workers: the object store's endpoint and region."""
     return {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
 
 
-def start_local_ray(**kwargs) -> None:
-    """A private one-machine Ray instance: every server on loopback, token auth on."""
+def start_local_ray(lean: bool = True, **kwargs) -> None:
+    """A private one-machine Ray instance: every server on loopback, token auth on; `lean`
+    (always, but for the benchmark's comparison): without what only a long-lived cluster
+    uses (LEAN_LOCAL_CONFIG, no usage report)."""
     ray_internals.single_machine()
     # gloo's peer connections, likewise: the loopback interface rather than the host's name.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -49,6 +58,9 @@ def start_local_ray(**kwargs) -> None:
     # set RAY_AUTH_MODE (setting it here, after `import ray`, would desync Ray's cached
     # config from its daemons). The dashboard runs (on 127.0.0.1) because Train V2 cleans up
     # placement groups through the State API.
+    if lean:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        kwargs["_system_config"] = {**LEAN_LOCAL_CONFIG, **kwargs.get("_system_config", {})}
     ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **kwargs)
 
 

@@ -162,8 +162,8 @@ def _predict_ray(ckpt_uri: str, names: list[str], blobs: list[bytes], top_k: int
         out = ds.map_batches(_RayBatches, fn_constructor_args=(ckpt_uri, use_gpu, data_root,
                                                                top_k),
                              batch_size=256, concurrency=actors,
-                             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1
-                             ).take_all()
+                             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+                             runtime_env=cluster.worker_env()).take_all()
     finally:
         if started:
             ray.shutdown()

@@ -18,7 +18,7 @@ RayInternalsError naming it and this file.
 5. quiet_train_reports(level): Train V2 logs every ray.train.report under a logger named
    after its file, which LoggingConfig's filter (for "ray.train.*") misses.
 6. For tests: auth_headers(), dashboard_url(), prepare_autoscaler_config(),
-   validate_autoscaler_config().
+   validate_autoscaler_config(), usage_stats_enabled().
 7. run_storage(): where a Train worker's run folder lives (filesystem, path), from the
    StorageContext that TrainContext.get_storage() returns (a DeveloperAPI), for our
    checkpoint upload (train.upload_checkpoint).
@@ -124,6 +124,11 @@ def auth_headers() -> dict:
 def dashboard_url() -> str:
     """host:port of the connected Ray instance's dashboard (and jobs API)."""
     return _private("ray._private.worker", "get_dashboard_url")()
+
+
+def usage_stats_enabled() -> bool:
+    """Whether Ray would send its usage report from this process's instance."""
+    return _private("ray._common.usage.usage_lib", "usage_stats_enabled")()
 
 
 def prepare_autoscaler_config(config: dict) -> dict:

@@ -11,11 +11,13 @@ Measures, in one run, on a real CIFAR-10 subset (--per-class images of each clas
   3. a phase-1 epoch's time divided by a phase-2 epoch's, with and without feature caching.
 Targets on a 2-core machine: (1) >= 0.95, (2) >= 20, (3) <= 0.1 with caching.
 
-    python jobs/benchmark.py --per-class 2000 --long 5      # the per-epoch trend instead
+    python jobs/benchmark.py --per-class 2000 --long 5 --rounds 2   # the per-epoch trend instead
 
 --long EPOCHS trains that many epochs (SGD, the whole prepared split) through TorchTrainer
-and then as a bare loop, and prints every epoch's images/s, each loop's trend (slope per
-epoch), and the CPU seconds Ray's own processes took during each TorchTrainer epoch.
+and as a bare loop in a process of its own, taking turns for --rounds rounds, and prints
+for every epoch: images/s, the training process's CPU seconds per 1,000 images, how often a
+training thread was preempted (involuntary context switches per second) and the CPU seconds
+every other process on the machine took; then each loop's median and trend (slope per epoch).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import torch  # noqa: E402
 from cifar_ray import cluster, data, engine, recipe, runs, train  # noqa: E402
 from cifar_ray import model as M
 from cifar_ray.config import PhaseConfig, PrepareConfig, TrainConfig  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _data(cfg: TrainConfig, device="cpu") -> recipe.DeviceSplits:
@@ -70,6 +74,29 @@ def ray_phase2(cfg: TrainConfig) -> list[float]:
     """Images/s of each phase-2 epoch through TorchTrainer (read from metrics.jsonl)."""
     train.fit(cfg)
     return [r["images_per_s"] for r in runs.read_metrics(cfg.run_uri())]
+
+
+def idle_instance(lean: bool, seconds: float = 30.0) -> dict:
+    """An idle local instance, as the jobs start one (lean) or with Ray's defaults: how many
+    processes it runs, their CPU seconds per minute and context switches per second, over
+    `seconds` once start-up has settled."""
+    import ray
+
+    if not lean:
+        os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
+    cluster.start_local_ray(lean=lean)
+    try:
+        time.sleep(10)  # let start-up (prestarted workers included) settle
+        pids = descendants(os.getpid())
+        before, t0 = {p: proc_counters(p) for p in pids}, time.monotonic()
+        time.sleep(seconds)
+        after, dt = {p: proc_counters(p) for p in pids}, time.monotonic() - t0
+    finally:
+        ray.shutdown()
+    both = [p for p in pids if before[p] and after[p]]
+    return {"processes": len(both),
+            "cpu_s_per_min": 60 * sum(after[p][0] - before[p][0] for p in both) / dt,
+            "switches_per_s": sum(after[p][1] - before[p][1] for p in both) / dt}
 
 
 def pipeline(cfg: TrainConfig, batch: int) -> dict:
@@ -105,11 +132,22 @@ def phase_epoch_seconds(cfg: TrainConfig, d: recipe.DeviceSplits, cache: bool,
 # ---------------------------------------------------------------- --long: the per-epoch trend
 
 
-def process_cpu() -> dict[str, float]:
-    """CPU seconds so far of every process below this one, summed by kind: the training
-    worker, Ray's other worker processes (Train's controller and helper actors), raylet,
-    gcs_server, the dashboard and its agents."""
-    ticks = os.sysconf("SC_CLK_TCK")
+def cpu_by_pid() -> dict[int, float]:
+    """CPU seconds so far of every process on the machine (Ray's and everyone else's)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read().rsplit(")", 1)[1].split()
+                out[int(entry)] = (int(stat[11]) + int(stat[12])) / TICK
+            except (OSError, IndexError):
+                continue
+    return out
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -119,82 +157,181 @@ def process_cpu() -> dict[str, float]:
                         int(entry))
             except (OSError, IndexError, ValueError):
                 continue
-    out: dict[str, float] = {}
-    todo = list(children.get(os.getpid(), []))
+    out, todo = set(), list(children.get(pid, []))
     while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        if title.startswith("ray::RayTrainWorker"):
-            kind = "training worker"
-        elif title.startswith("ray::"):
-            kind = "other Ray workers"
-        else:
-            kind = os.path.basename(title.split()[0]) if title else "?"
-            kind = kind if kind in ("raylet", "gcs_server") else "dashboard, agents, other"
-        out[kind] = out.get(kind, 0.0) + (int(stat[11]) + int(stat[12])) / ticks
+        p = todo.pop()
+        out.add(p)
+        todo += children.get(p, [])
     return out
 
 
-def trainer_epochs_with_cpu(cfg: TrainConfig) -> tuple[list[float], list[dict]]:
-    """Images/s of each epoch through TorchTrainer, and the CPU seconds each kind of process
-    below this one used during that epoch (sampled when its metrics.jsonl row appears)."""
+def proc_counters(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds, context switches) so far of a process, all its threads."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read().rsplit(")", 1)[1].split()
+        switches = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                text = f.read()
+            switches += sum(int(text.split(k)[1].split()[0]) for k in
+                            ("\nvoluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"))
+        return (int(stat[11]) + int(stat[12])) / TICK, switches
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def preemptions(pid: int) -> dict[int, int]:
+    """Involuntary context switches so far of each of the process's threads: each one is a
+    training thread taken off its core for another thread (this box has 2 cores and the loop
+    keeps both busy)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                out[int(tid)] = int(f.read().split("nonvoluntary_ctxt_switches:")[1].split()[0])
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def epochs_sampled(find_pid, epochs_done, run) -> list[dict]:
+    """Call run() (it trains); meanwhile, at the end of each epoch (a new metrics row), read
+    from /proc what the epoch cost: the training process's CPU seconds and preemptions, and
+    the CPU seconds of every other process on the machine (Ray's daemons and helper actors,
+    the driver, anything else)."""
     import threading
 
     per_epoch, stop = [], threading.Event()
 
     def sample():
-        last, seen = process_cpu(), 0
-        while not stop.wait(1.0):
-            rows = len(runs.read_metrics(cfg.run_uri()))
-            if rows > seen:
-                now = process_cpu()
-                per_epoch.append({k: now.get(k, 0.0) - last.get(k, 0.0) for k in now})
-                last, seen = now, rows
+        pid = None
+        while pid is None and not stop.wait(0.2):
+            pid = find_pid()
+        if pid is None:
+            return
+        last, last_pre, seen = cpu_by_pid(), preemptions(pid), 0
+        while not stop.wait(0.5):
+            if epochs_done() > seen:
+                try:
+                    now, pre = cpu_by_pid(), preemptions(pid)
+                except OSError:  # the process ended with its last row
+                    return
+                mine = now.get(pid, 0.0) - last.get(pid, 0.0)
+                others = sum(v - last.get(k, 0.0) for k, v in now.items() if k != pid)
+                per_epoch.append({"cpu_s": mine, "others_cpu_s": others, "preemptions": sum(
+                    n - last_pre.get(tid, 0) for tid, n in pre.items())})
+                last, last_pre, seen = now, pre, seen + 1
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     try:
-        speeds = ray_phase2(cfg)
+        run()
     finally:
+        time.sleep(1.0)  # the last row's sample
         stop.set()
         t.join()
-    return speeds, per_epoch
+    return per_epoch
+
+
+def training_worker() -> int | None:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::RayTrainWorker"):
+                        return int(entry)
+            except OSError:
+                continue
+    return None
+
+
+def bare_child(cfg_dict: dict, rows: str) -> None:
+    """The bare loop in a process of its own (measured from outside, as the Ray worker is);
+    one JSON line per epoch."""
+    cfg = TrainConfig.from_dict(cfg_dict)
+    torch.set_num_threads(cfg.cpus_per_worker)
+
+    def report(metrics: dict, state) -> None:
+        with open(rows, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    recipe.run_phases(cfg, M.build("none", seed=cfg.seed), _data(cfg), recipe.Runtime(), report)
+    time.sleep(2)  # still here when the parent reads the last epoch's counters from /proc
+
+
+def long_loop(cfg: TrainConfig, via_ray: bool) -> list[dict]:
+    """One --long run: each epoch's images/s and what it cost (epochs_sampled)."""
+    if via_ray:
+        def rows() -> list[dict]:
+            return runs.read_metrics(cfg.run_uri())
+        sampled = epochs_sampled(training_worker, lambda: len(rows()), lambda: train.fit(cfg))
+    else:
+        import multiprocessing
+
+        path = os.path.join(cfg.storage, f"{cfg.name}.jsonl")
+        Path(path).touch()
+
+        def rows() -> list[dict]:
+            return [json.loads(x) for x in Path(path).read_text().splitlines()]
+        child = multiprocessing.get_context("spawn").Process(target=bare_child,
+                                                             args=(cfg.to_dict(), path))
+
+        def run() -> None:
+            child.start()
+            child.join()
+            if child.exitcode:
+                raise RuntimeError(f"the bare loop's process exited with {child.exitcode}")
+        sampled = epochs_sampled(lambda: child.pid, lambda: len(rows()), run)
+    # A process that ended before its last epoch's sample leaves that epoch's costs as nan.
+    missing = {"cpu_s": float("nan"), "others_cpu_s": float("nan"), "preemptions": float("nan")}
+    return [{"images_per_s": r["images_per_s"], "seconds": r["seconds"],
+             **(sampled[i] if i < len(sampled) else missing)} for i, r in enumerate(rows())]
 
 
 def trend(values: list[float]) -> float:
-    """Least-squares slope per epoch, as a fraction of the first epoch's value."""
+    """Least-squares slope per epoch, as a fraction of the first value (nan for fewer than
+    2 values: --long drops the first epoch, which warms up)."""
     n = len(values)
+    if n < 2:
+        return float("nan")
     mx, my = (n - 1) / 2, sum(values) / n
     slope = sum((i - mx) * (v - my) for i, v in enumerate(values)) / sum(
         (i - mx) ** 2 for i in range(n))
     return slope / values[0]
 
 
-def long_run(cfg: TrainConfig, d: recipe.DeviceSplits, epochs: int) -> dict:
-    """--long: several epochs of the whole split, SGD, through TorchTrainer and bare, one
-    after the other; every epoch's images/s and, under Ray, every process kind's CPU."""
+def long_run(cfg: TrainConfig, epochs: int, rounds: int, images: int) -> dict:
+    """--long: several epochs of the whole split, SGD, through TorchTrainer and as the bare
+    loop, taking turns for `rounds` rounds; every epoch's images/s and costs."""
     sgd = dataclasses.replace(cfg.phase2, epochs=epochs, optimizer="sgd", weight_decay=5e-4)
-    c = dataclasses.replace(cfg, name="long", phase2=sgd)
-    via_ray, cpu = trainer_epochs_with_cpu(c)
-    bare = bare_phase2(c, d)
-    print(f"\n{'epoch':>5} {'TorchTrainer':>13} {'bare':>8}   CPU s of Ray's processes in "
-          "the epoch (besides the training worker)")
-    for i, (r, b) in enumerate(zip(via_ray, bare, strict=True)):
-        others = {k: v for k, v in (cpu[i] if i < len(cpu) else {}).items()
-                  if k != "training worker"}
-        print(f"{i + 1:>5} {r:13.1f} {b:8.1f}   " + ", ".join(
-            f"{k} {v:.1f}" for k, v in sorted(others.items())))
-    print(f"trend per epoch: TorchTrainer {trend(via_ray):+.2%}, bare {trend(bare):+.2%}")
-    return {"epochs": epochs, "trainer_per_epoch": via_ray, "bare_per_epoch": bare,
-            "cpu_seconds_per_epoch": cpu, "trainer_trend": trend(via_ray),
-            "bare_trend": trend(bare)}
+    os.makedirs(cfg.storage, exist_ok=True)
+    out = {"epochs": epochs, "rounds": []}
+    print(f"{'round':>5} {'loop':>12} {'epoch':>5} {'img/s':>7} {'CPU s/1k img':>12} "
+          f"{'preempted/s':>11} {'others CPU s':>12}")
+    for r in range(rounds):
+        this = {}
+        for loop, via_ray in (("TorchTrainer", True), ("bare", False)):
+            c = dataclasses.replace(cfg, name=f"long-{loop}-{r}", phase2=sgd)
+            rows = long_loop(c, via_ray)
+            for e, row in enumerate(rows):
+                print(f"{r + 1:>5} {loop:>12} {e + 1:>5} {row['images_per_s']:7.1f} "
+                      f"{1000 * row['cpu_s'] / images:12.2f} "
+                      f"{row['preemptions'] / row['seconds']:11.0f} "
+                      f"{row['others_cpu_s']:12.1f}",
+                      flush=True)
+            this[loop] = {"per_epoch": rows,
+                          "trend": trend([x["images_per_s"] for x in rows[1:]])}
+        out["rounds"].append(this)
+    for loop in ("TorchTrainer", "bare"):
+        speeds = [x["images_per_s"] for r in out["rounds"] for x in r[loop]["per_epoch"][1:]]
+        out[loop] = {"median_images_per_s": statistics.median(speeds),
+                     "trend_per_round": [r[loop]["trend"] for r in out["rounds"]]}
+        print(f"{loop}: median {out[loop]['median_images_per_s']:.1f} img/s, trend per "
+              "epoch " + ", ".join(f"{t:+.2%}" for t in out[loop]["trend_per_round"]))
+    out["ratio"] = out["TorchTrainer"]["median_images_per_s"] / out["bare"]["median_images_per_s"]
+    print(f"TorchTrainer / bare: {out['ratio']:.3f}")
+    return out
 
 
 def main() -> int:
@@ -205,8 +342,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=3, help="turns of the three loops in (1)")
     ap.add_argument("--long", type=int, metavar="EPOCHS", default=0,
-                    help="instead: EPOCHS epochs (SGD) through TorchTrainer, then bare, "
-                         "with every epoch's images/s and Ray's processes' CPU per epoch")
+                    help="instead: EPOCHS epochs (SGD) through TorchTrainer and bare, "
+                         "--rounds times, with every epoch's images/s and costs")
     ap.add_argument("--out", default="results/benchmark.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -226,7 +363,7 @@ def main() -> int:
                            "torch": torch.__version__},
                "train_images": len(d.train_y), "batch_size": args.batch_size}
     if args.long:
-        results["long"] = long_run(cfg, d, args.long)
+        results["long"] = long_run(cfg, args.long, args.rounds, len(d.train_y))
         return write(results, args.out)
 
     # Steady state: the median of epochs 2-4 (the first includes allocator and, under Ray,
@@ -251,14 +388,22 @@ def main() -> int:
     def med(key: str) -> float:
         return statistics.median(x[key] for x in rounds)
 
-    bare, via_ray, idle = (med(k) for k in ("bare_images_per_s", "trainer_images_per_s",
-                                            "bare_beside_idle_ray_images_per_s"))
+    bare, via_ray, idle_speed = (med(k) for k in ("bare_images_per_s", "trainer_images_per_s",
+                                                  "bare_beside_idle_ray_images_per_s"))
     results["1_trainer_vs_bare"] = {"bare_images_per_s": bare, "trainer_images_per_s": via_ray,
                                     "ratio": med("ratio"),
                                     "ratio_per_round": [x["ratio"] for x in rounds],
                                     "bare_beside_idle_ray_ratio":
                                         med("bare_beside_idle_ray_ratio"),
                                     "rounds": rounds, "target": ">= 0.95"}
+    # The idle instance alone, Ray's defaults and ours taking turns (2 rounds).
+    instances = {"defaults": [], "lean": []}
+    for _ in range(2):
+        for key, lean in (("defaults", False), ("lean", True)):
+            instances[key].append(idle_instance(lean))
+    results["1c_idle_instance"] = {
+        k: {m: statistics.median(x[m] for x in v) for m in v[0]} | {"rounds": v}
+        for k, v in instances.items()}
     pipe = pipeline(cfg, args.batch_size)
     results["2_pipeline_vs_training"] = {**pipe, "training_images_per_s": bare,
                                          "ratio": pipe["images_per_s"] / bare,
@@ -271,16 +416,25 @@ def main() -> int:
         "uncached": phase_epoch_seconds(both, d, cache=False, epochs=3),
         "target": "<= 0.1 cached"}
 
-    r1, r2, r3 = (results[k] for k in ("1_trainer_vs_bare", "2_pipeline_vs_training",
-                                       "3_phase1_vs_phase2"))
+    r1, r2, r3, ic = (results[k] for k in ("1_trainer_vs_bare", "2_pipeline_vs_training",
+                                           "3_phase1_vs_phase2", "1c_idle_instance"))
     c1, u1 = r3["cached"]["phase1_epoch_s"], r3["uncached"]["phase1_epoch_s"]
     rows = [
         (f"1 TorchTrainer / bare loop (img/s, median of {args.rounds})",
          f"{r1['trainer_images_per_s']:.1f} / {r1['bare_images_per_s']:.1f}",
          f"{r1['ratio']:.3f}", ">= 0.95"),
         (f"1b bare beside an idle Ray / bare (median of {args.rounds})",
-         f"{idle:.1f} / {r1['bare_images_per_s']:.1f}",
+         f"{idle_speed:.1f} / {r1['bare_images_per_s']:.1f}",
          f"{r1['bare_beside_idle_ray_ratio']:.3f}", "-"),
+        ("1c idle instance, ours / Ray's defaults: processes",
+         f"{ic['lean']['processes']:.0f} / {ic['defaults']['processes']:.0f}",
+         f"{ic['lean']['processes'] / ic['defaults']['processes']:.3f}", "-"),
+        ("1c ... CPU s per minute (median of 2)",
+         f"{ic['lean']['cpu_s_per_min']:.2f} / {ic['defaults']['cpu_s_per_min']:.2f}",
+         f"{ic['lean']['cpu_s_per_min'] / ic['defaults']['cpu_s_per_min']:.3f}", "-"),
+        ("1c ... context switches per second (median of 2)",
+         f"{ic['lean']['switches_per_s']:.0f} / {ic['defaults']['switches_per_s']:.0f}",
+         f"{ic['lean']['switches_per_s'] / ic['defaults']['switches_per_s']:.3f}", "-"),
         ("2 data pipeline / phase-2 training (img/s)",
          f"{r2['images_per_s']:.0f} / {r2['training_images_per_s']:.1f}",
          f"{r2['ratio']:.1f}", ">= 20"),

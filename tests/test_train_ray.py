@@ -18,6 +18,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import ray
 import ray.train
 import yaml
 from conftest import (
@@ -52,6 +53,30 @@ def _cfg(data_root: str, storage_root: str, name: str, **kw) -> TrainConfig:
                                    augment=True))
     base.update(kw)
     return TrainConfig(**base)
+
+
+def _ray_workers() -> list[str]:
+    """Titles of this test's Ray worker processes (ray::IDLE or ray::<task>), not its agents."""
+    out = []
+    for pid in descendants(os.getpid()):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        if title.startswith("ray::") and not title.startswith(("ray::DashboardAgent",
+                                                               "ray::RuntimeEnvAgent")):
+            out.append(title)
+    return out
+
+
+def test_a_local_instance_starts_no_worker_ahead_and_reports_no_usage():
+    # First in this module, so the instance is fresh. Ray's defaults fork a worker per CPU
+    # (2 here) while ray.init starts the instance, before any task asks for one; ours starts
+    # none until a task or actor needs it.
+    for _ in range(6):
+        assert _ray_workers() == []
+        time.sleep(0.5)
+    assert not ray_internals.usage_stats_enabled()
 
 
 def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket, capfd):
