@@ -37,7 +37,8 @@ class ResourceError(UserError, RuntimeError):
 
 # A private local instance serves one job: Ray's metrics export (no Prometheus scrapes it),
 # its usage report (nothing may phone home from an air-gapped box) and the idle workers it
-# starts ahead of demand (Train and Tune start their actors themselves) are left out.
+# forks ahead of demand (Train and Tune start their actors themselves) are left out. Idle:
+# 18 processes instead of 20, ~37% fewer context switches (README "A lean local instance").
 LEAN_LOCAL_CONFIG = {"enable_metrics_collection": False, "enable_worker_prestart": False,
                      "prestart_worker_first_driver": False}
 
@@ -48,9 +49,9 @@ def worker_env() -> dict:
 
 
 def start_local_ray(lean: bool = True, **kwargs) -> None:
-    """A private one-machine Ray instance: every server on loopback, token auth on; `lean`
-    (always, but for the benchmark's comparison): without what only a long-lived cluster
-    uses (LEAN_LOCAL_CONFIG, no usage report)."""
+    """A private one-machine Ray instance: every server on loopback, token auth on, and
+    (`lean`; False only for the benchmark's comparison with Ray's defaults) without what only
+    a long-lived cluster uses: LEAN_LOCAL_CONFIG and Ray's usage report."""
     ray_internals.single_machine()
     # gloo's peer connections, likewise: the loopback interface rather than the host's name.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
