@@ -210,17 +210,21 @@ def epochs_sampled(find_pid, epochs_done, run) -> list[dict]:
             pid = find_pid()
         if pid is None:
             return
-        last, last_pre, seen = cpu_by_pid(), preemptions(pid), 0
+        # A thread's counters leave /proc with it (Ray's training thread ends with the run,
+        # before its last epoch is sampled): keep each thread's latest, read every 0.5 s.
+        counts: dict[int, int] = {}
+        last, last_pre, seen = cpu_by_pid(), 0, 0
         while not stop.wait(0.5):
+            try:
+                counts.update(preemptions(pid))
+            except OSError:  # the process has ended
+                return
             if epochs_done() > seen:
-                try:
-                    now, pre = cpu_by_pid(), preemptions(pid)
-                except OSError:  # the process ended with its last row
-                    return
+                now, pre = cpu_by_pid(), sum(counts.values())
                 mine = now.get(pid, 0.0) - last.get(pid, 0.0)
                 others = sum(v - last.get(k, 0.0) for k, v in now.items() if k != pid)
-                per_epoch.append({"cpu_s": mine, "others_cpu_s": others, "preemptions": sum(
-                    n - last_pre.get(tid, 0) for tid, n in pre.items())})
+                per_epoch.append({"cpu_s": mine, "others_cpu_s": others,
+                                  "preemptions": pre - last_pre})
                 last, last_pre, seen = now, pre, seen + 1
 
     t = threading.Thread(target=sample, daemon=True)
