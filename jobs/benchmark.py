@@ -132,31 +132,34 @@ def phase_epoch_seconds(cfg: TrainConfig, d: recipe.DeviceSplits, cache: bool,
 # ---------------------------------------------------------------- --long: the per-epoch trend
 
 
-def cpu_by_pid() -> dict[int, float]:
-    """CPU seconds so far of every process on the machine (Ray's and everyone else's)."""
+def stat_fields(pid: int | str) -> list[str]:
+    """/proc/PID/stat after the process name: [0] state, [1] ppid, [11] utime, [12] stime."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def all_stats() -> dict[int, list[str]]:
+    """stat_fields of every live process on the machine."""
     out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read().rsplit(")", 1)[1].split()
-                out[int(entry)] = (int(stat[11]) + int(stat[12])) / TICK
-            except (OSError, IndexError):
+                out[int(entry)] = stat_fields(entry)
+            except OSError:
                 continue
     return out
+
+
+def cpu_by_pid() -> dict[int, float]:
+    """CPU seconds so far of every process on the machine (Ray's and everyone else's)."""
+    return {pid: (int(st[11]) + int(st[12])) / TICK for pid, st in all_stats().items()}
 
 
 def descendants(pid: int) -> set[int]:
     """Every live process below `pid`."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(
-                        int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
+    for p, st in all_stats().items():
+        children.setdefault(int(st[1]), []).append(p)
     out, todo = set(), list(children.get(pid, []))
     while todo:
         p = todo.pop()
@@ -165,19 +168,28 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def thread_switches(pid: int, keys: tuple[str, ...]) -> dict[int, int]:
+    """Per thread of the process: the sum of the given context-switch counters so far
+    ("\nvoluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                text = f.read()
+            out[int(tid)] = sum(int(text.split(k)[1].split()[0]) for k in keys)
+        except (OSError, IndexError):
+            continue
+    return out
+
+
 def proc_counters(pid: int) -> tuple[float, int] | None:
     """(CPU seconds, context switches) so far of a process, all its threads."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read().rsplit(")", 1)[1].split()
-        switches = 0
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                text = f.read()
-            switches += sum(int(text.split(k)[1].split()[0]) for k in
-                            ("\nvoluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"))
-        return (int(stat[11]) + int(stat[12])) / TICK, switches
-    except (OSError, IndexError, ValueError):
+        st = stat_fields(pid)
+        switches = thread_switches(pid, ("\nvoluntary_ctxt_switches:",
+                                         "nonvoluntary_ctxt_switches:"))
+        return (int(st[11]) + int(st[12])) / TICK, sum(switches.values())
+    except OSError:
         return None
 
 
@@ -185,14 +197,7 @@ def preemptions(pid: int) -> dict[int, int]:
     """Involuntary context switches so far of each of the process's threads: each one is a
     training thread taken off its core for another thread (this box has 2 cores and the loop
     keeps both busy)."""
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                out[int(tid)] = int(f.read().split("nonvoluntary_ctxt_switches:")[1].split()[0])
-        except (OSError, IndexError):
-            continue
-    return out
+    return thread_switches(pid, ("nonvoluntary_ctxt_switches:",))
 
 
 def epochs_sampled(find_pid, epochs_done, run) -> list[dict]:
