@@ -1,22 +1,31 @@
-"""Checkpoint files: one torch file plus its sha256, loaded with `weights_only=True`.
+"""Checkpoints, all of them: names and order, content, bytes, the newest complete one, which
+runs may go on from one, and a classifier loaded from one.
 
-    cifar-ray evaluate results/smoke/checkpoint-p2-e000     # loads one through load_uri
+    cifar-ray evaluate results/smoke/checkpoint-p2-e000     # load_classifier
+    cifar-ray export results/smoke weights/smoke-backbone.pt
 
-The digest file is written after the state file, so a checkpoint whose upload stopped half
-way fails verification with a clear error instead of loading garbage.
+A checkpoint is a folder checkpoint-p<phase>-e<epoch>[-s<step>] in a run folder holding one
+torch file and its sha256. The digest is written after the state, so a checkpoint whose
+upload stopped half way fails verification with a clear error instead of loading garbage,
+and is never the one a run resumes from. Loading uses `weights_only=True`: tensors, numbers,
+strings and containers only, no code runs. torch is imported where bytes are read or written,
+so that run folders can be listed without it (`cifar-ray inspect` starts fast anywhere).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import posixpath
+import re
+from dataclasses import dataclass
 
 import pyarrow.fs as pafs
-import torch
 
 from cifar_ray import storage
+from cifar_ray.config import TrainConfig
 from cifar_ray.errors import UserError
 
 STATE = "state.pt"
@@ -24,10 +33,99 @@ DIGEST = "state.pt.sha256"
 
 
 class CheckpointError(UserError, RuntimeError):
-    """A checkpoint is incomplete, corrupted or not ours; the message names it."""
+    """A checkpoint is incomplete, corrupted, not ours, or not one this run can go on from;
+    the message names it."""
+
+
+# ---------------------------------------------------------------- names and order
+
+
+def dir_name(phase: int, epoch: int, step: int = 0) -> str:
+    """checkpoint-p2-e003 after phase 2's epoch 4 (0-based 3); checkpoint-p2-e003-s00040
+    after step 40 of that epoch (taken on a preemption notice)."""
+    return f"checkpoint-p{phase}-e{epoch:03d}" + (f"-s{step:05d}" if step else "")
+
+
+def progress(name: str) -> tuple[int, int, float] | None:
+    """How far training had got at a checkpoint, in an order that compares: (phase, epoch,
+    steps done in it; inf once it is complete). None for other names."""
+    m = re.fullmatch(r"checkpoint-p(\d+)-e(\d+)(?:-s(\d+))?", name)
+    if m is None:
+        return None
+    return int(m[1]), int(m[2]), float(m[3]) if m[3] else math.inf
+
+
+def newest_complete(run_uri: str) -> str | None:
+    """The newest checkpoint of a run whose upload completed (its digest, written last, is
+    there). Ray's own latest can be older: a worker's report reaches the controller on its
+    next poll, and a node lost in between takes that registration with it, not the files."""
+    done = []
+    for name in storage.list_dir(run_uri):
+        at = progress(name)
+        if at and storage.exists(storage.join(run_uri, name, DIGEST)):
+            done.append((at, name))
+    return storage.join(run_uri, max(done)[1]) if done else None
+
+
+# ---------------------------------------------------------------- content
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a checkpoint left training: after epoch `epoch` (0-based) of `phase`; or, taken
+    mid-epoch on a preemption notice, after `step` steps of that epoch, with the epoch's
+    train sums so far over all ranks (`partial`: loss_sum, correct, count, seconds,
+    lr_start, lr_end)."""
+
+    phase: int
+    epoch: int
+    step: int = 0
+    partial: dict | None = None
+
+    @classmethod
+    def of(cls, state: dict) -> ResumePoint:
+        return cls(state["phase"], state["epoch"], state.get("step") or 0, state.get("partial"))
+
+    def first_epoch(self, phase: int, epochs: int) -> int | None:
+        """The epoch a phase of `epochs` goes on at from here, or None when nothing of it is
+        left. A mid-epoch checkpoint goes on inside its epoch."""
+        if self.phase > phase:
+            return None
+        first = 0 if self.phase < phase else self.epoch + (0 if self.step else 1)
+        return first if first < epochs else None
+
+    def midway(self, phase: int, epoch: int) -> bool:
+        """Whether this point lies inside that epoch (steps of it done, not all)."""
+        return bool(self.step) and (self.phase, self.epoch) == (phase, epoch)
+
+    def record(self) -> dict:
+        """For the metrics row of the first epoch after a restore: where training resumed."""
+        return {"phase": self.phase, "epoch": self.epoch, **({"step": self.step}
+                                                             if self.step else {})}
+
+    def describe(self) -> str:
+        done = (f"step {self.step} of epoch {self.epoch + 1}" if self.step
+                else f"epoch {self.epoch + 1}")
+        return f"phase {self.phase}, {done} done"
+
+
+def state(model, optim, at: ResumePoint, history: list[dict], cfg: TrainConfig) -> dict:
+    """Everything a resume needs: the model's weights, the phase's optimizer and schedule
+    (`optim`: engine.Optimization), where training stood, the history so far and the config
+    that produced it."""
+    out = {"model": model.state_dict(), **optim.state_dict(), "phase": at.phase,
+           "epoch": at.epoch, "history": list(history), "config": cfg.to_dict()}
+    if at.step:
+        out.update(step=at.step, partial=at.partial)
+    return out
+
+
+# ---------------------------------------------------------------- bytes
 
 
 def write_dir(state: dict, directory: str) -> None:
+    import torch
+
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
@@ -37,14 +135,17 @@ def write_dir(state: dict, directory: str) -> None:
         f.write(hashlib.sha256(data).hexdigest())
 
 
-def _load(data: bytes, digest: str | None, where: str) -> dict:
+def verified_load(data: bytes, digest: str | None, where: str) -> dict:
+    """A checkpoint's state from its bytes and digest, refused unless the digest matches and
+    it holds only tensors and plain data."""
+    import torch
+
     if digest is None:
         raise CheckpointError(f"{where}: {DIGEST} missing; the checkpoint is incomplete")
     if hashlib.sha256(data).hexdigest() != digest.strip():
         raise CheckpointError(f"{where}: sha256 mismatch; the checkpoint is incomplete or "
                               "was modified")
     try:
-        # weights_only: tensors, numbers, strings and containers only; no code runs.
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{where}: refused to load ({type(e).__name__}: {e})") from e
@@ -57,7 +158,7 @@ def load_dir(directory: str) -> dict:
     if not os.path.exists(state_path):
         raise CheckpointError(f"{directory}: no {STATE}; not a cifar_ray checkpoint")
     with open(state_path, "rb") as f:
-        return _load(f.read(), digest, directory)
+        return verified_load(f.read(), digest, directory)
 
 
 def load_fs(fs: pafs.FileSystem, path: str, label: str | None = None) -> dict:
@@ -77,7 +178,7 @@ def load_fs(fs: pafs.FileSystem, path: str, label: str | None = None) -> dict:
         if not isinstance(e.__cause__, FileNotFoundError):
             raise
         raise CheckpointError(f"{label}: no {STATE}; not a cifar_ray checkpoint") from e
-    return _load(data, digest, label)
+    return verified_load(data, digest, label)
 
 
 def load_uri(uri: str) -> dict:
@@ -96,6 +197,73 @@ def upload_dir(directory: str, fs: pafs.FileSystem, dest: str, local: bool) -> N
                                label=posixpath.join(dest, name))
 
 
+# ---------------------------------------------------------------- going on from one
+
+# What each TrainConfig field means to a checkpoint, and so whether a run may go on from a
+# checkpoint made with another value of it:
+#   how     how to run, not what (resources, storage, logging, retries): may change freely;
+#   phase1  what phase 1 computes: a run started from another run's checkpoint
+#           (--init-checkpoint, as sweep trials start from their shared phase 1) must share
+#           these, and so must a run resumed by name;
+#   recipe  the rest of what a run computes: a run resumed by name must share these too.
+FIELDS = {
+    "data": "how", "storage": "how", "workers": "how", "use_gpu": "how",
+    "cpus_per_worker": "how", "gpus_per_worker": "how", "compile": "how",
+    "keep_checkpoints": "how", "max_failures": "how", "storage_retry_s": "how",
+    "resource_timeout_s": "how", "mlflow_tracking_uri": "how", "mlflow_experiment": "how",
+    "progress_s": "how", "log_level": "how", "ray_log_level": "how", "overwrite": "how",
+    "smoke": "how",
+    "dataset": "phase1", "weights": "phase1", "weights_sha256": "phase1",
+    "image_size": "phase1", "phase1": "phase1", "cache_features": "phase1", "seed": "phase1",
+    "name": "recipe", "phase2": "recipe", "init_checkpoint": "recipe",
+}
+MUST_MATCH = {"resume": ("phase1", "recipe"), "init": ("phase1",)}
+
+
+def mismatches(stored: dict, cfg: TrainConfig, going_on: str) -> list[str]:
+    """The fields on which a stored config (a run's config.json, a checkpoint's) differs
+    from cfg, of those that must match for `going_on` from it: "resume" (the same run,
+    resumed by name) or "init" (another run's checkpoint, as --init-checkpoint)."""
+    ours = cfg.to_dict()
+    return sorted(k for k, role in FIELDS.items()
+                  if role in MUST_MATCH[going_on] and stored.get(k) != ours[k])
+
+
+def resume_state(cfg: TrainConfig) -> tuple[dict | None, str | None]:
+    """(checkpoint state, where from) that a run starts from: its own newest complete
+    checkpoint (Ray restarted it, or it is resumed by name; Ray's own get_checkpoint() may be
+    older, see newest_complete), else --init-checkpoint if it fits, else nothing."""
+    newest = newest_complete(cfg.run_uri())
+    if newest is not None:  # read in place: a few parallel GETs, no local copy
+        return load_uri(newest), storage.display(newest)
+    if cfg.init_checkpoint:
+        loaded = load_uri(cfg.init_checkpoint)
+        diff = mismatches(loaded["config"], cfg, "init")
+        if diff:
+            raise CheckpointError(f"--init-checkpoint {storage.display(cfg.init_checkpoint)}: "
+                                  f"trained with different {', '.join(diff)}")
+        return loaded, storage.display(cfg.init_checkpoint)
+    return None, None
+
+
+# ---------------------------------------------------------------- a classifier from one
+
+
+def load_classifier(source: str | dict, device="cpu"):
+    """(model, state): the checkpoint's classifier in eval mode on `device`, and the
+    checkpoint's state (its config, phase, epoch...). `source` is a checkpoint folder (path
+    or s3://), or a state already loaded from one."""
+    import torch
+
+    from cifar_ray.model import build
+
+    loaded = load_uri(source) if isinstance(source, str) else source
+    num_classes = loaded["model"]["head.4.bias"].shape[0]  # the head's last Linear
+    model = build("none", num_classes=num_classes)
+    model.load_state_dict(loaded["model"])
+    return model.to(torch.device(device)).eval(), loaded
+
+
 def export_backbone(source: str, out: str, overwrite: bool = False) -> dict:
     """Write the backbone of a checkpoint (or of a finished run's best checkpoint) as a plain
     torchvision ResNet50 state_dict (tensors only, without `fc`), the file any run takes as
@@ -104,7 +272,9 @@ def export_backbone(source: str, out: str, overwrite: bool = False) -> dict:
 
         cifar-ray export results/src/checkpoint-p2-e009 weights/src-backbone.pt
     """
-    from cifar_ray import runs  # runs imports nothing of ours but storage
+    import torch
+
+    from cifar_ray import runs  # runs imports this module
 
     ckpt = source
     if not storage.exists(storage.join(source, STATE)):
@@ -129,3 +299,4 @@ def export_backbone(source: str, out: str, overwrite: bool = False) -> dict:
     storage.write_bytes(out, data)
     return {"weights": storage.display(out), "sha256": hashlib.sha256(data).hexdigest(),
             "checkpoint": storage.display(ckpt), "tensors": len(backbone), "bytes": len(data)}
+

@@ -70,7 +70,7 @@ def _evaluate(ns: argparse.Namespace) -> int:
     from cifar_ray.checkpoint import load_uri
     from cifar_ray.evaluate import evaluate_checkpoint
 
-    state = load_uri(ns.checkpoint)
+    state = load_uri(ns.checkpoint)  # read once: its config says which dataset to score on
     cfg = TrainConfig.from_dict({**state["config"], "use_gpu": ns.use_gpu,
                                  **({"data": ns.data} if ns.data else {})})
     out = evaluate_checkpoint(ns.checkpoint, cfg, ns.split, state)

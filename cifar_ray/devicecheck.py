@@ -4,7 +4,7 @@ seconds. Plain PyTorch: no Ray, no boto3.
     PYTHONPATH=. python jobs/gpu_check.py                   # these checks + speed, on a GPU
     python -m pytest -q tests/test_devicecheck.py           # the same checks on CPU (and GPU)
 
-Each check runs the code the job runs (recipe.run_phases, engine, checkpoint) with the
+Each check runs the code the job runs (recipe.PhaseLoop, engine, checkpoint) with the
 settings a CUDA worker uses: bf16 autocast and channels_last (Runtime.for_device on CUDA;
 on CPU the same settings are forced, since this CPU runs bf16 autocast too). Each returns
 a dict of what it measured; a failed expectation raises CheckFailed naming it.
@@ -20,7 +20,8 @@ import torch
 
 from cifar_ray import checkpoint, data, engine, model
 from cifar_ray.config import PhaseConfig, TrainConfig
-from cifar_ray.recipe import DeviceSplits, Runtime, image_transform, run_phases
+from cifar_ray.recipe import PhaseLoop
+from cifar_ray.runtime import DeviceSplits, Runtime, image_transform
 
 
 class CheckFailed(AssertionError):
@@ -39,11 +40,8 @@ def production_runtime(device: torch.device) -> Runtime:
 
 
 def synthetic_splits(device: torch.device, n_train: int, n_val: int) -> DeviceSplits:
-    tr, va = data.synthetic(n_train, seed=0), data.synthetic(n_val, seed=1)
-    return DeviceSplits(engine.to_tensor(tr.images, device),
-                        torch.from_numpy(tr.labels).to(device),
-                        engine.to_tensor(va.images, device),
-                        torch.from_numpy(va.labels).to(device))
+    return DeviceSplits.of(data.synthetic(n_train, seed=0), data.synthetic(n_val, seed=1),
+                           device)
 
 
 def small_config(batch: int = 32, image_size: int = 32, **kw) -> TrainConfig:
@@ -64,7 +62,7 @@ def layout_and_precision(device: torch.device, n: int = 8) -> dict:
     rt = production_runtime(device)
     m = model.build("none", num_classes=10).to(device).to(memory_format=torch.channels_last)
     expect(rt.wrap(m) is m, "a single rank was wrapped (DDP needs a process group)")
-    x = image_transform(small_config(), rt, augment=True,
+    x = image_transform(32, rt, augment=True,
                         gen=torch.Generator(device=device).manual_seed(0))(
         synthetic_splits(device, n, 2).train_x)
     expect(x.is_contiguous(memory_format=torch.channels_last), "input not channels_last")
@@ -77,7 +75,7 @@ def layout_and_precision(device: torch.device, n: int = 8) -> dict:
 
 def two_phases(device: torch.device, n: int = 128, batch: int = 32,
                compile: bool = False) -> dict:
-    """A two-phase run through recipe.run_phases: finite losses; phase 1 leaves every
+    """A two-phase run through recipe.PhaseLoop: finite losses; phase 1 leaves every
     backbone weight and BatchNorm statistic bit-identical (frozen, BN in eval mode) and
     phase 2 moves them."""
     m = model.build("none", num_classes=10).to(device).to(memory_format=torch.channels_last)
@@ -87,8 +85,9 @@ def two_phases(device: torch.device, n: int = 128, batch: int = 32,
     def report(metrics: dict, state) -> None:  # the backbone as each phase's epoch left it
         after[metrics["phase"]] = _backbone_state(m)
 
-    hist = run_phases(small_config(batch, compile=compile), m,
-                      synthetic_splits(device, n, n // 2), production_runtime(device), report)
+    splits = synthetic_splits(device, n, n // 2)
+    hist = PhaseLoop(small_config(batch, compile=compile), m, splits,
+                     production_runtime(device), report).run()
     changed = [k for k in before if not torch.equal(before[k], after[1][k])]
     expect(not changed, f"phase 1 changed the frozen backbone: {changed[:3]}")
     moved = sum(not torch.equal(before[k], v) for k, v in after[2].items())
@@ -106,7 +105,7 @@ def cached_features(device: torch.device, n: int = 96, batch: int = 32) -> dict:
     m = model.build("none", num_classes=10).to(device).to(memory_format=torch.channels_last)
     m.eval()
     x = synthetic_splits(device, n, 2).train_x
-    plain = image_transform(cfg, rt, augment=False, gen=None)
+    plain = image_transform(cfg.image_size, rt)
     cached = engine.extract_features(m.backbone, x, batch_size=batch, transform=plain,
                                      amp_dtype=rt.amp_dtype)
     with torch.no_grad():
@@ -137,18 +136,14 @@ def checkpoint_to_cpu(device: torch.device, n: int = 64) -> dict:
     m = model.build("none", num_classes=10, seed=3).to(device)
     m.eval()
     x = synthetic_splits(device, n, 2).train_x
-    cfg = small_config()
-    plain = image_transform(cfg, Runtime(device=device), augment=False, gen=None)
+    plain = image_transform(32, Runtime(device=device))
     # float32 on both sides: cuDNN's default TF32 convolutions would differ from the CPU's
     # by more than a checkpoint round trip may.
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         here = m(plain(x)).float().cpu()
     with tempfile.TemporaryDirectory() as d:
         checkpoint.write_dir({"model": m.state_dict(), "phase": 2, "epoch": 0}, d)
-        state = checkpoint.load_dir(d)
-    cpu_model = model.build("none", num_classes=10)
-    cpu_model.load_state_dict(state["model"])
-    cpu_model.eval()
+        cpu_model, state = checkpoint.load_classifier(d, "cpu")  # as evaluate and predict do
     expect(all(t.device.type == "cpu" for t in state["model"].values()), "not loaded on CPU")
     with torch.no_grad():
         there = cpu_model(engine.preprocess(x.cpu())).float()

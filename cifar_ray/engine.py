@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -70,10 +71,22 @@ def batch_indices(n: int, batch_size: int, gen: torch.Generator | None = None,
         yield order[i:i + batch_size]
 
 
+def batches(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int,
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            gen: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) batches over (inputs, labels) on their device, x through `transform`: all of
+    them in order, or, given a (CPU) generator, shuffled and only full ones (for training:
+    every step one shape, and every rank the same number of steps)."""
+    for idx in batch_indices(len(labels), batch_size, gen, drop_last=gen is not None):
+        idx = idx.to(inputs.device, non_blocking=True)
+        x = inputs[idx]
+        yield (transform(x) if transform is not None else x), labels[idx]
+
+
 def make_optimizer(pc: PhaseConfig, params) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     # On CUDA, Adam(W)'s fused kernel updates all ~160 ResNet50 tensors in a few launches
-    # instead of a loop of foreach kernels (jobs/gpu_check.py times both).
+    # instead of a loop of foreach kernels (jobs/experiments/gpu_check.py times both).
     fused = {"fused": True} if params and params[0].is_cuda else {}
     if pc.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay, **fused)
@@ -96,6 +109,37 @@ def make_scheduler(opt: torch.optim.Optimizer, pc: PhaseConfig, steps_per_epoch:
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+@dataclass
+class Optimization:
+    """What a training step does after the forward pass: the loss, the optimizer and its
+    per-step schedule; and the autocast dtype the step runs under (bf16 on CUDA)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
+    amp_dtype: torch.dtype | None = None
+
+    @classmethod
+    def for_phase(cls, pc: PhaseConfig, params, steps_per_epoch: int,
+                  amp_dtype: torch.dtype | None = None) -> Optimization:
+        """The phase's optimizer over the trainable `params`, warmup + cosine over its steps,
+        cross-entropy with its label smoothing."""
+        optimizer = make_optimizer(pc, params)
+        return cls(optimizer, make_scheduler(optimizer, pc, steps_per_epoch),
+                   nn.CrossEntropyLoss(label_smoothing=pc.label_smoothing), amp_dtype)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]  # a host float: no device sync
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
 def _autocast(x: torch.Tensor, amp_dtype: torch.dtype | None):
     """bf16 autocast on CUDA in production; tests run the same path on CPU tensors."""
     if amp_dtype is None:
@@ -103,78 +147,68 @@ def _autocast(x: torch.Tensor, amp_dtype: torch.dtype | None):
     return torch.autocast(device_type=x.device.type, dtype=amp_dtype)
 
 
-def train_one_epoch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
-                    batch_size: int, optimizer: torch.optim.Optimizer, scheduler,
-                    loss_fn: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor],
-                    gen: torch.Generator, amp_dtype: torch.dtype | None = None,
-                    start: int = 0,
+def train_one_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    optim: Optimization, start: int = 0,
                     on_step: Callable[[int, Callable[[], dict]], None] | None = None) -> dict:
-    """One pass over (inputs, labels) in shuffled batches; returns sums, so that ranks can
-    add them up: loss_sum, correct, count, seconds; and the LR of the first and the last step
-    (lr_start, lr_end: the range the epoch trained with).
+    """One pass over `batches`; returns sums, so that ranks can add them up: loss_sum,
+    correct, count, seconds; and the LR of the first and the last step (lr_start, lr_end:
+    the range the epoch trained with).
 
-    `start` steps were done before (a resume from a checkpoint taken mid-epoch): they are
-    skipped. `on_step(step, sums)` is called after every step with the steps done so far and a
-    function giving the sums so far (it syncs with the device: call it only when they are
-    needed)."""
-    loss_sum = torch.zeros((), device=inputs.device)
-    correct = torch.zeros((), device=inputs.device, dtype=torch.long)
-    count = 0
-    lr_start = lr_end = None
+    The first `start` batches were trained on before (a resume from a checkpoint taken
+    mid-epoch): they are drawn, augmentation included, and dropped, so that the rest of the
+    epoch gets the crops and flips it would have had. `on_step(step, sums)` is called after
+    every step with the steps done so far and a function giving the sums so far (it syncs
+    with the device: call it only when they are needed)."""
+    # Python zeros that become device tensors at the first step: no host sync per step.
+    loss_sum = correct = count = 0
+    lr_start = lr_end = device = None
     t0 = time.perf_counter()
 
     def sums() -> dict:
         return {"loss_sum": float(loss_sum), "correct": int(correct), "count": count,
                 "seconds": time.perf_counter() - t0, "lr_start": lr_start, "lr_end": lr_end}
 
-    for step, idx in enumerate(batch_indices(len(labels), batch_size, gen, drop_last=True), 1):
-        idx = idx.to(inputs.device, non_blocking=True)
+    for step, (x, y) in enumerate(batches, 1):
         if step <= start:
-            # Done before the checkpoint. Its augmentation is drawn again and thrown away so
-            # that the rest of the epoch gets the crops and flips it would have had.
-            transform(inputs[idx])
             continue
-        lr_end = optimizer.param_groups[0]["lr"]  # a host float: no device sync
+        lr_end = optim.lr()
         lr_start = lr_end if lr_start is None else lr_start
-        x, y = transform(inputs[idx]), labels[idx]
-        with _autocast(x, amp_dtype):
+        with _autocast(x, optim.amp_dtype):
             logits = model(x)
-            loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
+            loss = optim.loss_fn(logits.float(), y)
+        optim.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
-        # Accumulate on the device: no host sync per step.
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        optim.optimizer.step()
+        optim.scheduler.step()
+        loss_sum = loss_sum + loss.detach() * len(y)
+        correct = correct + (logits.argmax(1) == y).sum()
         count += len(y)
+        device = x.device
         if on_step is not None:
             on_step(step, sums)
-    if inputs.device.type == "cuda":
-        torch.cuda.synchronize(inputs.device)
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
     return sums()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
-             transform: Callable[[torch.Tensor], torch.Tensor],
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              amp_dtype: torch.dtype | None = None, return_predictions: bool = False) -> dict:
-    """Cross-entropy sum, correct count and count over (inputs, labels); model in eval mode."""
+    """Cross-entropy sum, correct count and count over `batches`; model in eval mode."""
     was_training = model.training
     model.eval()
-    loss_sum, correct, preds = 0.0, 0, []
-    for idx in batch_indices(len(labels), batch_size):
-        idx = idx.to(inputs.device)
-        x, y = transform(inputs[idx]), labels[idx]
+    loss_sum, correct, count, preds = 0.0, 0, 0, []
+    for x, y in batches:
         with _autocast(x, amp_dtype):
             logits = model(x).float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         pred = logits.argmax(1)
         correct += int((pred == y).sum())
+        count += len(y)
         if return_predictions:
             preds.append(pred.cpu())
     model.train(was_training)
-    out = {"loss_sum": loss_sum, "correct": correct, "count": len(labels)}
+    out = {"loss_sum": loss_sum, "correct": correct, "count": count}
     if return_predictions:
         out["predictions"] = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
     return out

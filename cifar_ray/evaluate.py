@@ -12,38 +12,28 @@ import torch
 
 from cifar_ray import checkpoint, data, engine
 from cifar_ray.config import TrainConfig
-from cifar_ray.model import Classifier, build
-from cifar_ray.recipe import Runtime, image_transform
+from cifar_ray.runtime import Runtime, image_transform
 
-
-@torch.no_grad()
-def evaluate_split(model: Classifier, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-                   rt: Runtime, batch_size: int = 512) -> dict:
-    """Loss, accuracy and predictions of `model` on one split (no augmentation)."""
-    out = engine.evaluate(model, x, y, batch_size=batch_size,
-                          transform=image_transform(cfg, rt, augment=False, gen=None),
-                          amp_dtype=rt.amp_dtype, return_predictions=True)
-    n = max(out["count"], 1)
-    return {"loss": out["loss_sum"] / n, "accuracy": out["correct"] / n, "count": out["count"],
-            "predictions": out["predictions"]}
+EVAL_BATCH = 512
 
 
 def evaluate_checkpoint(ckpt_uri: str, cfg: TrainConfig, split: str = "test",
                         state: dict | None = None) -> dict:
-    """Accuracy of a checkpoint on a split of cfg's dataset, with labels and predictions.
-    `state`: the checkpoint's contents when the caller has already loaded them."""
+    """Loss and accuracy of a checkpoint on a split of cfg's dataset (no augmentation), with
+    labels and predictions. `state`: the checkpoint's contents when the caller has already
+    loaded them."""
     device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-    state = state if state is not None else checkpoint.load_uri(ckpt_uri)
+    model, state = checkpoint.load_classifier(state if state is not None else ckpt_uri, device)
     uri = cfg.dataset_uri()
     manifest = data.read_manifest(uri)
     s = data.load_split(uri, split, manifest=manifest)
-    model = build("none", num_classes=len(manifest["classes"]))
-    model.load_state_dict(state["model"])
-    model.to(device)
+    rt = Runtime.for_device(device)
     y = torch.from_numpy(s.labels).to(device)
-    out = evaluate_split(model, engine.to_tensor(s.images, device), y, cfg,
-                         Runtime.for_device(device))
-    preds = out.pop("predictions").tolist()
-    return {**out, "split": split, "checkpoint": ckpt_uri, "phase": state["phase"],
-            "epoch": state["epoch"], "labels": s.labels.tolist(), "predictions": preds,
-            "classes": manifest["classes"]}
+    out = engine.evaluate(model, engine.batches(engine.to_tensor(s.images, device), y,
+                                                EVAL_BATCH, image_transform(cfg.image_size, rt)),
+                          rt.amp_dtype, return_predictions=True)
+    n = max(out["count"], 1)
+    return {"loss": out["loss_sum"] / n, "accuracy": out["correct"] / n, "count": out["count"],
+            "split": split, "checkpoint": ckpt_uri, "phase": state["phase"],
+            "epoch": state["epoch"], "labels": s.labels.tolist(),
+            "predictions": out["predictions"].tolist(), "classes": manifest["classes"]}

@@ -24,8 +24,7 @@ import torch
 from cifar_ray import checkpoint, data, engine, storage
 from cifar_ray.config import TrainConfig
 from cifar_ray.errors import UserError
-from cifar_ray.model import build
-from cifar_ray.recipe import Runtime, image_transform
+from cifar_ray.runtime import Runtime, image_transform
 
 log = logging.getLogger(__name__)
 
@@ -66,25 +65,23 @@ class Model:
 
     @classmethod
     def load(cls, ckpt_uri: str, use_gpu: bool = False, data_root: str | None = None) -> Model:
-        state = checkpoint.load_uri(ckpt_uri)
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model, state = checkpoint.load_classifier(ckpt_uri, device)
         cfg = TrainConfig.from_dict({**state["config"], **({"data": data_root} if data_root
                                                            else {})})
-        num_classes = state["model"]["head.4.bias"].shape[0]
+        num_classes = model.head[-1].out_features
         try:
             classes = data.read_manifest(cfg.dataset_uri())["classes"]
         except (UserError, OSError):  # the training data is not reachable from here
             classes = [f"class{i}" for i in range(num_classes)]
             log.warning(f"{storage.display(cfg.dataset_uri())}: not readable, so classes are "
                         "shown by index (pass --data to name them)")
-        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model = build("none", num_classes=num_classes)
-        model.load_state_dict(state["model"])
-        return cls(model.to(device).eval(), cfg, classes, Runtime.for_device(device))
+        return cls(model, cfg, classes, Runtime.for_device(device))
 
     @torch.no_grad()
     def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Softmax over classes for uint8 images [N, 32, 32, 3]."""
-        transform = image_transform(self.cfg, self.rt, augment=False, gen=None)
+        transform = image_transform(self.cfg.image_size, self.rt)
         x = engine.to_tensor(images, self.rt.device)
         out = []
         for i in range(0, len(x), batch_size):

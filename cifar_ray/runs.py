@@ -1,5 +1,6 @@
 """Run and experiment folders in storage: their file names, reading and writing them, and the
-checks that keep a new run from clobbering an old one. No Ray, no torch.
+checks that keep a new run from clobbering an old one. No Ray, no torch (checkpoint.py
+names the checkpoint folders and decides which runs may go on from which).
 
     python -c "from cifar_ray import runs; print(runs.read_metrics('results/smoke'))"
 
@@ -20,10 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import re
 
-from cifar_ray import storage
+from cifar_ray import checkpoint, storage
 from cifar_ray.config import SweepConfig, TrainConfig
 from cifar_ray.errors import UserError
 
@@ -31,11 +30,6 @@ log = logging.getLogger(__name__)
 
 CONFIG, METRICS, FINAL, RESULT = "config.json", "metrics.jsonl", "model_final.pt", "result.json"
 PHASE1, TRIALS, BEST = "phase1", "trials", "best.json"
-# Fields that may change between a run and its resumption: they say how to run, not what.
-OPERATIONAL = {"workers", "use_gpu", "cpus_per_worker", "gpus_per_worker", "max_failures",
-               "resource_timeout_s", "overwrite", "smoke", "data", "storage", "keep_checkpoints",
-               "log_level", "ray_log_level", "compile", "storage_retry_s", "progress_s",
-               "mlflow_tracking_uri", "mlflow_experiment"}
 
 
 class RunExistsError(UserError, RuntimeError):
@@ -44,21 +38,6 @@ class RunExistsError(UserError, RuntimeError):
 
 class ExperimentExistsError(UserError, RuntimeError):
     """The experiment name is taken (and --resume was not given), or is missing on --resume."""
-
-
-def checkpoint_name(phase: int, epoch: int, step: int | None = None) -> str:
-    """checkpoint-p2-e003 after phase 2's epoch 4 (0-based 3); checkpoint-p2-e003-s00040
-    after step 40 of that epoch (taken on a preemption notice)."""
-    return f"checkpoint-p{phase}-e{epoch:03d}" + (f"-s{step:05d}" if step else "")
-
-
-def checkpoint_progress(name: str) -> tuple[int, int, float] | None:
-    """How far training had got at a checkpoint, in an order that compares: (phase, epoch,
-    steps done in it; inf once it is complete). None for other names."""
-    m = re.fullmatch(r"checkpoint-p(\d+)-e(\d+)(?:-s(\d+))?", name)
-    if m is None:
-        return None
-    return int(m[1]), int(m[2]), float(m[3]) if m[3] else math.inf
 
 
 # ---------------------------------------------------------------- files
@@ -128,10 +107,11 @@ def best_checkpoint(run_uri: str, rows: list[dict], phase: int | None = None
     """(row, checkpoint URI) of the best epoch whose checkpoint Ray kept: it keeps the best
     --keep-checkpoints by val accuracy, and on a tie may have kept another epoch than ours."""
     kept = set(storage.list_dir(run_uri))
-    row = best_epoch([r for r in rows if checkpoint_name(r["phase"], r["epoch"]) in kept], phase)
+    row = best_epoch([r for r in rows if checkpoint.dir_name(r["phase"], r["epoch"]) in kept],
+                     phase)
     if row is None:
         return None
-    return row, storage.join(run_uri, checkpoint_name(row["phase"], row["epoch"]))
+    return row, storage.join(run_uri, checkpoint.dir_name(row["phase"], row["epoch"]))
 
 
 def evaluated(row: dict, checkpoint_uri: str, ev: dict) -> dict:
@@ -153,10 +133,6 @@ def describe(summary: dict) -> str:
 # ---------------------------------------------------------------- before writing
 
 
-def _comparable(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in OPERATIONAL}
-
-
 def check_run(cfg: TrainConfig) -> None:
     """Refuse to clobber a finished run; refuse to resume a run with a different recipe. A
     finished smoke run is replaced by the next smoke run of the same name, and so is any
@@ -176,8 +152,7 @@ def check_run(cfg: TrainConfig) -> None:
         return
     old = read_json(storage.join(run_uri, CONFIG))
     if old is not None:
-        new = cfg.to_dict()
-        diff = sorted(k for k in _comparable(old) | _comparable(new) if old.get(k) != new.get(k))
+        diff = checkpoint.mismatches(old, cfg, "resume")
         if diff:
             raise RunExistsError(
                 f"{storage.display(run_uri)} holds an unfinished run with a different "

@@ -9,14 +9,16 @@ config: nothing secret is ever written out.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -29,12 +31,29 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # How long an operation keeps retrying a connection-level failure (object stores drop
-# connections now and then); set from --storage-retry-s by each process that trains.
-RETRY_S = 120.0
+# connections now and then): --storage-retry-s inside `with retries(...)`, else this.
+DEFAULT_RETRY_S = 120.0
+_retry_s: ContextVar[float] = ContextVar("storage_retry_s", default=DEFAULT_RETRY_S)
 # Objects larger than this are read as parallel ranged GETs of this size: a 285 MB
 # checkpoint in 9 requests side by side, not one 256 KB GET after another.
 PART = 32 * 2**20
 READERS = 8
+
+
+@contextlib.contextmanager
+def retries(seconds: float) -> Iterator[None]:
+    """Storage calls made inside the block (by this thread) retry dropped connections for
+    `seconds` (--storage-retry-s) before they fail. Threads of their own pass `window`."""
+    token = _retry_s.set(seconds)
+    try:
+        yield
+    finally:
+        _retry_s.reset(token)
+
+
+def retry_window() -> float:
+    """The retry window in force here (retries), in seconds."""
+    return _retry_s.get()
 
 
 def is_remote(uri: str) -> bool:
@@ -83,7 +102,7 @@ class _ForRay(pafs.FileSystemHandler):
       object for every missing level, prefixes above --storage included, and Ray creates its
       run folders that way. A bucket policy scoped to the prefix would refuse those writes;
       without them, everything Ray writes stays under the prefix;
-    - every call retries dropped connections for RETRY_S, as our own reads and writes do.
+    - every call retries dropped connections for `retry_s`, as our own reads and writes do.
       Ray's controller writes its checkpoint index (checkpoint_manager_snapshot.json) after
       every report, and one connection reset there would end the run. Files are written
       whole on close and read whole on open (through write_file / read_file), so a retry
@@ -179,11 +198,11 @@ class _WholeUpload(io.RawIOBase):
 def for_ray(uri: str, retry_s: float | None = None) -> tuple[str, pafs.FileSystem | None]:
     """(storage_path, storage_filesystem) for Ray's RunConfig / Tuner.restore: local paths
     as they are; object stores through a filesystem that writes nothing above the prefix
-    and retries dropped connections for `retry_s` (RETRY_S)."""
+    and retries dropped connections for `retry_s` (default: the window in force)."""
     if not is_remote(uri):
         return normalize(uri), None
     fs, path = resolve(uri)
-    return path, pafs.PyFileSystem(_ForRay(fs, RETRY_S if retry_s is None else retry_s))
+    return path, pafs.PyFileSystem(_ForRay(fs, retry_window() if retry_s is None else retry_s))
 
 
 class StorageError(UserError, RuntimeError):
@@ -218,10 +237,11 @@ def transient(e: BaseException) -> bool:
 def retrying(label: str, what: str, fn: Callable[[], T], window: float | None = None,
              raw: bool = False) -> T:
     """fn(), retried with backoff while it fails transiently, for at most `window` seconds
-    (RETRY_S). Other failures, and the last transient one, raise StorageError naming `label`
+    (default: retry_window()). Other failures, and the last transient one, raise StorageError
+    naming `label`
     (a URI) and `what` was being done; or, with `raw`, the OSError itself (for Ray, which
     tells a missing file by FileNotFoundError)."""
-    window = RETRY_S if window is None else window
+    window = retry_window() if window is None else window
     start, delay, tries = time.monotonic(), 0.5, 0
     while True:
         try:
@@ -274,6 +294,7 @@ def read_file(fs: pafs.FileSystem, path: str, label: str | None = None,
     """A whole file of `fs`: large objects in parallel ranged reads (PART each), each one
     retried on connection failures."""
     label, fs = label or path, _unwrapped(fs)
+    window = retry_window() if window is None else window  # the reader threads get it passed
 
     def size() -> int:
         info = _lookup(fs, path)

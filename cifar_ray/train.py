@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python jobs/train.py --data s3://bucket/datasets \
         --storage s3://bucket/runs --name r50-a --workers 4 --use-gpu
 
-The schedule itself is recipe.py, the run folder's files runs.py, the Ray session cluster.py.
+The schedule itself is recipe.py (PhaseLoop), checkpoints checkpoint.py, the run folder's files
+runs.py, the Ray session cluster.py.
 """
 
 from __future__ import annotations
@@ -37,21 +38,46 @@ from cifar_ray import (
     storage,
     tracking,
 )
+from cifar_ray.checkpoint import ResumePoint
 from cifar_ray.config import PrepareConfig, TrainConfig
-from cifar_ray.engine import to_tensor
 from cifar_ray.errors import UserError
 from cifar_ray.evaluate import evaluate_checkpoint
 from cifar_ray.model import WeightsError, build
-from cifar_ray.recipe import DeviceSplits, Runtime, run_phases
+from cifar_ray.recipe import PhaseLoop
+from cifar_ray.runtime import DeviceSplits, Runtime
 
 log = logging.getLogger(__name__)
 
-# Fields of the phase-1 recipe that a checkpoint given as --init-checkpoint must share.
-PHASE1_FIELDS = ("dataset", "weights", "weights_sha256", "image_size", "phase1",
-                 "cache_features", "seed")
-
 
 # ---------------------------------------------------------------- on each worker
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: load this rank's data, restore, train, report."""
+    cfg = TrainConfig.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logs.setup_worker(rank, cfg.log_level)
+    ray_internals.quiet_train_reports(cfg.ray_log_level)
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cpus_per_worker)
+    rt = dataclasses.replace(Runtime.for_device(device, rank, world),
+                             preempted=preemption_notice())
+    with storage.retries(cfg.storage_retry_s):
+        splits, num_classes = storage.retrying(
+            cfg.dataset_uri(), "reading the dataset",
+            lambda: load_device_splits(cfg, rank, world, device))
+        model = build(cfg.weights, cfg.weights_sha256, num_classes, cfg.seed).to(device)
+        if rt.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        resume, source = checkpoint.resume_state(cfg)
+        if resume is not None:
+            log.info(f"starting from {source}: {ResumePoint.of(resume).describe()}")
+        with Reporter(cfg, rank) as report:
+            PhaseLoop(cfg, model, splits, rt, report).run(resume)
+        if rank == 0:
+            save_final(cfg, model)
 
 
 def load_device_splits(cfg: TrainConfig, rank: int, world: int, device: torch.device
@@ -62,90 +88,13 @@ def load_device_splits(cfg: TrainConfig, rank: int, world: int, device: torch.de
     # Each rank reads only its slice; train slices are equal so ranks step in lockstep.
     tr = data.load_split(uri, "train", rank, world, equal=True, manifest=manifest)
     va = data.load_split(uri, "val", rank, world, manifest=manifest)
-    pin = device.type == "cuda"
-
-    def put(x: torch.Tensor) -> torch.Tensor:
-        return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
-
-    return (DeviceSplits(put(to_tensor(tr.images)), put(torch.from_numpy(tr.labels)),
-                         put(to_tensor(va.images)), put(torch.from_numpy(va.labels))),
-            len(manifest["classes"]))
-
-
-def check_init_compatible(cfg: TrainConfig, stored: dict, uri: str) -> None:
-    ours = cfg.to_dict()
-    diff = [k for k in PHASE1_FIELDS if stored.get(k) != ours[k]]
-    if diff:
-        raise checkpoint.CheckpointError(
-            f"--init-checkpoint {storage.display(uri)}: trained with different {', '.join(diff)}")
-
-
-def latest_checkpoint(run_uri: str) -> str | None:
-    """The newest checkpoint of a run whose upload completed (its digest, written last, is
-    there). Ray's own latest can be older: a worker's report reaches the controller on its
-    next poll, and a node lost in between takes that registration with it, not the files."""
-    done = []
-    for name in storage.list_dir(run_uri):
-        progress = runs.checkpoint_progress(name)
-        if progress and storage.exists(storage.join(run_uri, name, checkpoint.DIGEST)):
-            done.append((progress, name))
-    return storage.join(run_uri, max(done)[1]) if done else None
-
-
-def resume_point(cfg: TrainConfig) -> tuple[dict | None, str | None]:
-    """(checkpoint state, where from): this run's newest complete checkpoint (Ray restarted
-    the run, or it is being resumed by name; Ray's get_checkpoint() may be older, see
-    latest_checkpoint), else --init-checkpoint (a sweep trial starts from the shared phase
-    1), else nothing."""
-    newest = latest_checkpoint(cfg.run_uri())
-    if newest is not None:  # read in place: a few parallel GETs, no local copy
-        return checkpoint.load_uri(newest), storage.display(newest)
-    if cfg.init_checkpoint:
-        state = checkpoint.load_uri(cfg.init_checkpoint)
-        check_init_compatible(cfg, state["config"], cfg.init_checkpoint)
-        return state, storage.display(cfg.init_checkpoint)
-    return None, None
-
-
-def upload_checkpoint(ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
-    """ray.train.report's upload, ours: Ray's does not retry (ray-project/ray#47939); this
-    retries each object through storage outages of up to --storage-retry-s and writes the
-    digest last, so Ray only registers a checkpoint whose every byte has arrived."""
-    fs, run_folder = ray_internals.run_storage()
-    dest = posixpath.join(run_folder, dir_name)
-    checkpoint.upload_dir(ckpt.path, fs, dest, local=isinstance(fs, pafs.LocalFileSystem))
-    return ray.train.Checkpoint(dest, fs)
-
-
-def reporter(run_uri: str, rank: int, board: tracking.TensorBoard | None,
-             flow: tracking.MLflow | None = None):
-    """The recipe's report callback: every rank reports (report is a barrier); rank 0 also
-    writes the checkpoint, then our own metrics.jsonl (Result.metrics keeps only the last).
-    A mid-epoch report (a preemption notice's; it has a "step") adds no metrics row. Rank 0
-    also logs each epoch's row to TensorBoard (`board`, <run>/tb/) and MLflow (`flow`)."""
-    def report(metrics: dict, state) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = history = None
-            if rank == 0:
-                st = state()
-                checkpoint.write_dir(st, d)
-                ckpt = ray.train.Checkpoint.from_directory(d)
-                history = None if "step" in metrics else st["history"]
-            name = runs.checkpoint_name(metrics["phase"], metrics["epoch"], metrics.get("step"))
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=upload_checkpoint,
-                             checkpoint_dir_name=name)
-            if history is not None:  # after the checkpoint: a metrics row implies its checkpoint
-                runs.write_metrics(run_uri, history)
-                board.epoch(metrics)
-                if flow is not None:
-                    flow.epoch(metrics)
-    return report
+    return DeviceSplits.of(tr, va, device), len(manifest["classes"])
 
 
 def preemption_notice():
-    """For run_phases: asks Ray Train whether a node of this run is about to be preempted (a
-    collective), True once per new notice; None where Train's preemption watcher is off (a
-    private local instance, whose nodes no cloud reclaims)."""
+    """Runtime.preempted for a Ray Train worker: asks Ray Train whether a node of this run is
+    about to be preempted (a collective), True once per new notice; None where Train's
+    preemption watcher is off (a private local instance, whose nodes no cloud reclaims)."""
     if os.environ.get(ray_internals.PREEMPTION_WATCHER_ENV, "1").lower() in ("0", "false"):
         return None
     seen = []
@@ -161,44 +110,62 @@ def preemption_notice():
     return notice
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: load this rank's data, restore, train, report."""
-    cfg = TrainConfig.from_dict(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    logs.setup_worker(rank, cfg.log_level)
-    ray_internals.quiet_train_reports(cfg.ray_log_level)
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(cfg.cpus_per_worker)
-    rt = Runtime.for_device(device, rank, world)
-    storage.RETRY_S = cfg.storage_retry_s
-    splits, num_classes = storage.retrying(cfg.dataset_uri(), "reading the dataset",
-                                           lambda: load_device_splits(cfg, rank, world, device))
-    model = build(cfg.weights, cfg.weights_sha256, num_classes, cfg.seed).to(device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    resume, source = resume_point(cfg)
-    if resume is not None:
-        done = (f"step {resume['step']} of epoch {resume['epoch'] + 1}" if resume.get("step")
-                else f"epoch {resume['epoch'] + 1}")
-        log.info(f"starting from {source}: phase {resume['phase']}, {done} done")
-    board = tracking.TensorBoard(cfg.run_uri()) if rank == 0 else None
-    flow = tracking.mlflow_run(cfg, params=True) if rank == 0 else None
-    try:
-        run_phases(cfg, model, splits, rt, reporter(cfg.run_uri(), rank, board, flow), resume,
-                   preemption_notice())
-    finally:
-        if board is not None:
-            board.close()
-    if flow is not None:
-        flow.end()
-    if rank == 0:
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        final = storage.join(cfg.run_uri(), runs.FINAL)
-        storage.write_bytes(final, buf.getvalue())
-        log.info(f"final weights: {storage.display(final)}")
+class Reporter:
+    """The PhaseLoop's report callback on a Ray Train worker. Every rank reports (report is a
+    barrier); rank 0 also writes the checkpoint, then our own metrics.jsonl (Result.metrics
+    keeps only the last) and logs the epoch to TensorBoard (<run>/tb/) and MLflow. A
+    mid-epoch report (a preemption notice's; it has a "step") adds no metrics row."""
+
+    def __init__(self, cfg: TrainConfig, rank: int):
+        self.run_uri, self.rank, self.retry_s = cfg.run_uri(), rank, cfg.storage_retry_s
+        self.board = tracking.TensorBoard(self.run_uri) if rank == 0 else None
+        self.flow = tracking.mlflow_run(cfg, params=True) if rank == 0 else None
+
+    def __enter__(self) -> Reporter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.board is not None:
+            self.board.close()
+        if self.flow is not None and exc[0] is None:
+            self.flow.end()
+
+    def __call__(self, metrics: dict, checkpoint_state) -> None:
+        name = checkpoint.dir_name(metrics["phase"], metrics["epoch"], metrics.get("step", 0))
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = history = None
+            if self.rank == 0:
+                state = checkpoint_state()
+                checkpoint.write_dir(state, d)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+                history = None if "step" in metrics else state["history"]
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=self.upload,
+                             checkpoint_dir_name=name)
+        if history is not None:  # after the checkpoint: a metrics row implies its checkpoint
+            runs.write_metrics(self.run_uri, history)
+            self.board.epoch(metrics)
+            if self.flow is not None:
+                self.flow.epoch(metrics)
+
+    def upload(self, ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        """ray.train.report's upload, ours: Ray's does not retry (ray-project/ray#47939);
+        this retries each object through storage outages of up to --storage-retry-s and
+        writes the digest last, so Ray only registers a checkpoint whose every byte has
+        arrived."""
+        fs, run_folder = ray_internals.run_storage()
+        dest = posixpath.join(run_folder, dir_name)
+        with storage.retries(self.retry_s):  # Ray may call this from a thread of its own
+            checkpoint.upload_dir(ckpt.path, fs, dest,
+                                  local=isinstance(fs, pafs.LocalFileSystem))
+        return ray.train.Checkpoint(dest, fs)
+
+
+def save_final(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    final = storage.join(cfg.run_uri(), runs.FINAL)
+    storage.write_bytes(final, buf.getvalue())
+    log.info(f"final weights: {storage.display(final)}")
 
 
 # ---------------------------------------------------------------- on the driver
@@ -310,7 +277,7 @@ def fit_trainer(cfg: TrainConfig, callbacks: list | None = None) -> None:
 
 def no_room_to_restart(cfg: TrainConfig) -> cluster.ResourceError:
     short = cluster.shortfall(cfg)
-    newest = latest_checkpoint(cfg.run_uri())
+    newest = checkpoint.newest_complete(cfg.run_uri())
     where = (f"its newest complete checkpoint, {storage.display(newest)}" if newest
              else "the start (no checkpoint was stored)")
     return cluster.ResourceError(
@@ -374,7 +341,7 @@ def record_result(cfg: TrainConfig, summary: dict) -> None:
 def fit(cfg: TrainConfig) -> dict:
     """Train a run end to end and return its result.json contents."""
     cfg, manifest = preflight(cfg.with_smoke())
-    storage.RETRY_S = cfg.storage_retry_s
-    runs.check_run(cfg)
-    with cluster.session(cfg):
-        return run_and_evaluate(cfg, manifest)
+    with storage.retries(cfg.storage_retry_s):
+        runs.check_run(cfg)
+        with cluster.session(cfg):
+            return run_and_evaluate(cfg, manifest)

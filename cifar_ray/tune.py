@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from cifar_ray import cluster, ray_internals, runs, storage, train
+from cifar_ray import checkpoint, cluster, ray_internals, runs, storage, train
 from cifar_ray.config import DEFAULT_LRS, SweepConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def phase1_config(cfg: SweepConfig) -> TrainConfig:
 def phase1_checkpoint(cfg: SweepConfig) -> str:
     """Phase 1's last epoch: Ray keeps the latest checkpoint whatever its score."""
     return storage.join(phase1_config(cfg).run_uri(),
-                        runs.checkpoint_name(1, cfg.train.phase1.epochs - 1))
+                        checkpoint.dir_name(1, cfg.train.phase1.epochs - 1))
 
 
 def trial_config(base: TrainConfig, params: dict, trial_id: str, init: str) -> TrainConfig:
@@ -97,8 +97,9 @@ def run_trial(params: dict) -> None:
     """One trial (runs in a Tune actor): its own TorchTrainer, metrics forwarded to Tune."""
     base = TrainConfig.from_dict(params["base"])
     cfg = trial_config(base, params, tune.get_context().get_trial_id(), params["init"])
-    runs.write_config(cfg)
-    train.fit_trainer(cfg, callbacks=[EpochReports()])
+    with storage.retries(cfg.storage_retry_s):
+        runs.write_config(cfg)
+        train.fit_trainer(cfg, callbacks=[EpochReports()])
 
 
 def concurrency(cfg: SweepConfig) -> int:
@@ -128,13 +129,13 @@ def sweep(cfg: SweepConfig) -> dict:
     cfg = cfg.with_smoke()
     t, manifest = train.preflight(cfg.train)
     t = dataclasses.replace(t, mlflow_experiment=t.name)  # phase 1 and the trials, in MLflow
-    storage.RETRY_S = t.storage_retry_s
     cfg = dataclasses.replace(cfg, train=t)
     phase1_config(cfg)  # derived configs validate here, before Ray starts
-    resuming = runs.check_experiment(cfg)
-    # One trial's workers must fit: "more than the cluster can ever hold" fails here.
-    with cluster.session(t):
-        return _sweep(cfg, manifest, resuming)
+    with storage.retries(t.storage_retry_s):
+        resuming = runs.check_experiment(cfg)
+        # One trial's workers must fit: "more than the cluster can ever hold" fails here.
+        with cluster.session(t):
+            return _sweep(cfg, manifest, resuming)
 
 
 def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool) -> dict:

@@ -100,3 +100,39 @@ def test_export_writes_the_backbone_that_weights_loads_with_its_sha256(tmp_path,
     assert json.loads(capsys.readouterr().out)["checkpoint"] == str(ckpt)
     assert cli(["export", str(tmp_path), str(tmp_path / "x.pt")]) == 2
     assert "neither a checkpoint folder" in capsys.readouterr().err
+
+
+def test_every_config_field_has_one_rule_for_going_on_from_a_checkpoint():
+    """A new TrainConfig field must say whether it may change on a resume: a field without a
+    rule would be neither compared nor knowingly ignored."""
+    import dataclasses
+
+    from cifar_ray.config import TrainConfig
+
+    assert set(checkpoint.FIELDS) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(checkpoint.FIELDS.values()) == {"how", "phase1", "recipe"}
+
+
+def test_a_resume_needs_the_same_recipe_and_an_init_checkpoint_the_same_phase_1():
+    from cifar_ray.config import PhaseConfig, TrainConfig
+
+    stored = TrainConfig(weights="none").to_dict()
+    other_how = TrainConfig(weights="none", workers=4, storage="s3://b/runs", log_level="DEBUG")
+    other_lr = TrainConfig(weights="none", phase2=PhaseConfig(lr=3e-4))
+    other_p1 = TrainConfig(weights="none", phase1=PhaseConfig(epochs=3), seed=7)
+    assert checkpoint.mismatches(stored, other_how, "resume") == []
+    assert checkpoint.mismatches(stored, other_lr, "resume") == ["phase2"]
+    assert checkpoint.mismatches(stored, other_lr, "init") == []  # a sweep trial's own LR
+    assert checkpoint.mismatches(stored, other_p1, "init") == ["phase1", "seed"]
+
+
+def test_load_classifier_gives_the_checkpoints_model_in_eval_mode(tmp_path):
+    from cifar_ray import model as M
+
+    trained = M.build("none", num_classes=5, seed=4)
+    checkpoint.write_dir({"model": trained.state_dict(), "phase": 1, "epoch": 2}, str(tmp_path))
+    loaded, state = checkpoint.load_classifier(str(tmp_path))
+    assert not loaded.training and state["epoch"] == 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained.eval()(x))

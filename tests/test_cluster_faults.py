@@ -20,7 +20,7 @@ import time
 import pytest
 from conftest import descendants, fit_in_thread, free_port, wait_until
 
-from cifar_ray import cluster, ray_internals, runs, storage, train
+from cifar_ray import checkpoint, cluster, ray_internals, storage, train
 from cifar_ray.config import PhaseConfig, TrainConfig
 
 pytestmark = pytest.mark.ray
@@ -233,7 +233,7 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_that_s
     final = _rows(run)
     assert [(r["phase"], r["epoch"]) for r in final] == [(1, 0)] + [(2, e) for e in range(3)]
     restored = [r["restored_from"] for r in final if "restored_from" in r]
-    progress = runs.checkpoint_progress(jit)
+    progress = checkpoint.progress(jit)
     assert len(restored) == 1 and "step" in restored[0], restored
     assert restored[0]["epoch"] == progress[1]  # in the epoch the notice came in
     assert (restored[0]["phase"], restored[0]["epoch"], restored[0]["step"]) >= progress

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from cifar_ray import devicecheck, model
-from cifar_ray.recipe import BatchTooLargeError, DeviceSplits, run_phases
+from cifar_ray.recipe import BatchTooLargeError, PhaseLoop
+from cifar_ray.runtime import DeviceSplits
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -68,8 +69,8 @@ def test_a_batch_that_does_not_fit_names_the_flag_and_the_memory():
     cfg = dataclasses.replace(cfg, phase1=dataclasses.replace(cfg.phase1, epochs=0))
     m = model.build("none").to(device)
     with pytest.raises(BatchTooLargeError, match=r"--phase2-batch-size 262144: .* GiB"):
-        run_phases(cfg, m, splits, devicecheck.production_runtime(device),
-                   report=lambda metrics, state: None)
+        PhaseLoop(cfg, m, splits, devicecheck.production_runtime(device),
+                  report=lambda metrics, state: None).run()
 
 
 def test_a_failed_expectation_names_itself():

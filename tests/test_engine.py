@@ -102,14 +102,13 @@ def test_train_one_epoch_learns_and_evaluate_counts():
     pc = PhaseConfig(epochs=5, lr=0.1)
     opt = engine.make_optimizer(pc, model.parameters())
     sched = engine.make_scheduler(opt, pc, 256 // 32)
-    before = engine.evaluate(model, x, y, batch_size=64, transform=lambda t: t)
+    optim = engine.Optimization(opt, sched, torch.nn.CrossEntropyLoss())
+    before = engine.evaluate(model, engine.batches(x, y, 64))
     for epoch in range(5):
-        stats = engine.train_one_epoch(model, x, y, batch_size=32, optimizer=opt, scheduler=sched,
-                                       loss_fn=torch.nn.CrossEntropyLoss(), transform=lambda t: t,
-                                       gen=torch.Generator().manual_seed(epoch))
+        stats = engine.train_one_epoch(
+            model, engine.batches(x, y, 32, gen=torch.Generator().manual_seed(epoch)), optim)
         assert stats["count"] == 256
-    after = engine.evaluate(model, x, y, batch_size=64, transform=lambda t: t,
-                            return_predictions=True)
+    after = engine.evaluate(model, engine.batches(x, y, 64), return_predictions=True)
     assert after["count"] == 256 and len(after["predictions"]) == 256
     assert after["correct"] / 256 > 0.9 > before["correct"] / 256
     assert after["loss_sum"] < before["loss_sum"]
@@ -120,9 +119,6 @@ def test_bf16_autocast_path_runs_on_cpu():
     model = torch.nn.Sequential(torch.nn.Linear(8, 4))
     x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
     pc = PhaseConfig(epochs=1, lr=0.01)
-    opt = engine.make_optimizer(pc, model.parameters())
-    stats = engine.train_one_epoch(model, x, y, batch_size=16, optimizer=opt,
-                                   scheduler=engine.make_scheduler(opt, pc, 4),
-                                   loss_fn=torch.nn.CrossEntropyLoss(), transform=lambda t: t,
-                                   gen=torch.Generator().manual_seed(0), amp_dtype=torch.bfloat16)
+    optim = engine.Optimization.for_phase(pc, model.parameters(), 4, amp_dtype=torch.bfloat16)
+    stats = engine.train_one_epoch(model, engine.batches(x, y, 16, gen=torch.Generator()), optim)
     assert math.isfinite(stats["loss_sum"]) and stats["count"] == 64

@@ -15,13 +15,14 @@ import tarfile
 import boto3
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from cifar_ray import checkpoint, data, engine, predict, recipe
+from cifar_ray import checkpoint, data, predict
 from cifar_ray import model as M
 from cifar_ray.cli import main as cli
 from cifar_ray.config import PhaseConfig, PrepareConfig, TrainConfig
+from cifar_ray.recipe import PhaseLoop
+from cifar_ray.runtime import DeviceSplits, Runtime
 
 
 def _png(px: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
@@ -44,13 +45,11 @@ def trained(tmp_path_factory):
                       phase1=PhaseConfig(epochs=6, lr=3e-3, batch_size=64),
                       phase2=PhaseConfig(epochs=0))
     uri = cfg.dataset_uri()
-    splits = recipe.DeviceSplits(*(t for s in ("train", "val") for t in (
-        engine.to_tensor(data.load_split(uri, s).images),
-        torch.from_numpy(data.load_split(uri, s).labels))))
+    splits = DeviceSplits.of(data.load_split(uri, "train"), data.load_split(uri, "val"))
     model = M.build("none", num_classes=10)
     states = []
-    recipe.run_phases(cfg, model, splits, recipe.Runtime(),
-                      lambda m, st: states.append(copy.deepcopy(st())))
+    PhaseLoop(cfg, model, splits, Runtime(),
+              lambda m, st: states.append(copy.deepcopy(st()))).run()
     ckpt = root / "checkpoint-p1-e005"
     ckpt.mkdir()
     checkpoint.write_dir(states[-1], str(ckpt))

@@ -7,16 +7,15 @@ import math
 import pytest
 import torch
 
-from cifar_ray import data, engine, recipe
+from cifar_ray import data, recipe
 from cifar_ray import model as M
 from cifar_ray.config import PhaseConfig, TrainConfig
+from cifar_ray.runtime import DeviceSplits, Runtime
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tr, va = data.synthetic(192, 0), data.synthetic(64, 1)
-    return recipe.DeviceSplits(engine.to_tensor(tr.images), torch.from_numpy(tr.labels),
-                       engine.to_tensor(va.images), torch.from_numpy(va.labels))
+    return DeviceSplits.of(data.synthetic(192, 0), data.synthetic(64, 1))
 
 
 def _cfg(**kw):
@@ -36,7 +35,7 @@ def _run(cfg, d, resume=None, notice=None, reported=None):
         states.append(copy.deepcopy(st()))
 
     m = M.build("none", seed=cfg.seed)
-    hist = recipe.run_phases(cfg, m, d, recipe.Runtime(), report, resume=resume, notice=notice)
+    hist = recipe.PhaseLoop(cfg, m, d, Runtime(preempted=notice), report).run(resume)
     return m, hist, states
 
 

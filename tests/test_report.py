@@ -31,7 +31,7 @@ def _run(folder, cfg: TrainConfig, rows: list[dict], split: str = "test") -> Non
     runs.write_config(cfg)
     runs.write_metrics(str(folder), rows)
     best = max(rows, key=lambda r: r["val_acc"])
-    ckpt = folder / runs.checkpoint_name(best["phase"], best["epoch"])
+    ckpt = folder / checkpoint.dir_name(best["phase"], best["epoch"])
     ckpt.mkdir(parents=True)
     state = {"model": M.build("none", num_classes=10, seed=1).state_dict(), "phase":
              best["phase"], "epoch": best["epoch"], "history": rows, "config": cfg.to_dict()}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar_ray import runs, storage
+from cifar_ray import checkpoint, runs, storage
 from cifar_ray.config import PhaseConfig, SweepConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def test_best_checkpoint_is_the_best_epoch_that_ray_kept(tmp_path):
     rows = [_row(1, 0, 0.5), _row(2, 0, 0.7), _row(2, 1, 0.7), _row(2, 2, 0.6)]
     # Ray kept two (best by val accuracy, ties broken its own way) and the latest.
     for phase, epoch in ((2, 1), (2, 2)):
-        (tmp_path / "r" / runs.checkpoint_name(phase, epoch)).mkdir(parents=True)
+        (tmp_path / "r" / checkpoint.dir_name(phase, epoch)).mkdir(parents=True)
     row, uri = runs.best_checkpoint(run, rows)
     assert (row["phase"], row["epoch"]) == (2, 1) and uri.endswith("checkpoint-p2-e001")
     assert runs.best_checkpoint(run, rows, phase=1) is None
@@ -108,13 +108,13 @@ def test_best_checkpoint_is_the_best_epoch_that_ray_kept(tmp_path):
 def test_checkpoints_order_by_how_far_training_had_got():
     """A resume takes the newest: a checkpoint taken mid-epoch (on a preemption notice) comes
     after the epoch before it and before its own epoch's end."""
-    names = [runs.checkpoint_name(*p) for p in
+    names = [checkpoint.dir_name(*p) for p in
              ((2, 3), (1, 9), (2, 3, 40), (2, 2), (2, 3, 7), (2, 4, 1))]
     assert names[2] == "checkpoint-p2-e003-s00040"
-    assert sorted(names, key=runs.checkpoint_progress) == [
+    assert sorted(names, key=checkpoint.progress) == [
         "checkpoint-p1-e009", "checkpoint-p2-e002", "checkpoint-p2-e003-s00007",
         "checkpoint-p2-e003-s00040", "checkpoint-p2-e003", "checkpoint-p2-e004-s00001"]
-    assert runs.checkpoint_progress("metrics.jsonl") is None
+    assert checkpoint.progress("metrics.jsonl") is None
 
 
 def test_inspect_reads_an_experiment_without_importing_ray_or_torch(tmp_path):

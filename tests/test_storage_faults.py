@@ -11,6 +11,7 @@ longer than that, and within our retry window.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -30,14 +31,9 @@ def _uri(bucket: str, proxy, key: str) -> str:
 
 @pytest.fixture
 def retry_s():
-    """Sets storage.RETRY_S (--storage-retry-s) for one test."""
-    old = storage.RETRY_S
-
-    def set_(seconds: float) -> None:
-        storage.RETRY_S = seconds
-
-    yield set_
-    storage.RETRY_S = old
+    """Sets the retry window (--storage-retry-s) for the rest of one test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda seconds: stack.enter_context(storage.retries(seconds))
 
 
 def _restore_after(proxy, seconds: float) -> threading.Timer:
