@@ -37,8 +37,8 @@ class ResourceError(UserError, RuntimeError):
 
 # A private local instance serves one job: Ray's metrics export (no Prometheus scrapes it),
 # its usage report (nothing may phone home from an air-gapped box) and the idle workers it
-# forks ahead of demand (Train and Tune start their actors themselves) are left out. Idle:
-# 18 processes instead of 20, ~37% fewer context switches (README "A lean local instance").
+# forks ahead of demand (Train and Tune start their actors themselves) are left out: fewer
+# idle processes and wakeups beside the training threads (measured: docs/cluster.md).
 LEAN_LOCAL_CONFIG = {"enable_metrics_collection": False, "enable_worker_prestart": False,
                      "prestart_worker_first_driver": False}
 

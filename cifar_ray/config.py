@@ -319,7 +319,7 @@ class TrainConfig(_Config):
         return self.cache_features and not self.phase1.augment
 
     def with_smoke(self) -> TrainConfig:
-        """The --smoke settings: small, CPU-only, no downloads (~2 min on 2 CPUs)."""
+        """The --smoke settings: small, CPU-only, no downloads: the whole path in minutes."""
         if not self.smoke:
             return self
         small = dict(epochs=1, batch_size=64)

@@ -7,9 +7,9 @@ Sources, all under the experiment folder (layout: runs.py): trials/trial-<id>/{c
 (our own per-run files), Tune's experiment_state-*.json (trial status), phase1/ and best.json.
 An experiment with errored or unfinished trials is shown with their status rather than
 failing. No Ray and no torch here: a table or JSON needs only pyarrow (and boto3 for s3://),
-and `inspect` starts in a fraction of a second (0.14 s for the smoke sweep's JSON on the
-2-core box, against 4.2-4.7 s when this module imported Ray Train and Tune); the plots of the
-best checkpoint load torch when they are asked for.
+so `inspect` starts in a fraction of a second where importing Ray Train and Tune for file
+names took seconds (measured: docs/benchmarks.md); the plots of the best checkpoint load
+torch when they are asked for.
 """
 
 from __future__ import annotations
