@@ -1,6 +1,6 @@
 """Two-phase ResNet50 transfer learning on Ray Train (see cifar_ray/train.py).
 
-    python jobs/train.py --smoke                       # CPU, synthetic data, ~2 min
+    python jobs/train.py --smoke                       # CPU, synthetic data
     python jobs/train.py --data s3://bucket/datasets --storage s3://bucket/runs \
         --name r50-a --workers 4 --use-gpu
     ray job submit --working-dir . -- python jobs/train.py --data s3://bucket/datasets \
