@@ -35,7 +35,8 @@ T = TypeVar("T")
 DEFAULT_RETRY_S = 120.0
 _retry_s: ContextVar[float] = ContextVar("storage_retry_s", default=DEFAULT_RETRY_S)
 # Objects larger than this are read as parallel ranged GETs of this size: a phase-2
-# checkpoint (weights + AdamW moments) in a few requests side by side, not one 256 KB GET after another.
+# checkpoint (weights + AdamW moments) in a few requests side by side, not one 256 KB GET
+# after another.
 PART = 32 * 2**20
 READERS = 8
 
