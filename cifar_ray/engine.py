@@ -73,7 +73,7 @@ def batch_indices(n: int, batch_size: int, gen: torch.Generator | None = None,
 def make_optimizer(pc: PhaseConfig, params) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     # On CUDA, Adam(W)'s fused kernel updates all ~160 ResNet50 tensors in a few launches
-    # instead of a loop of foreach kernels (jobs/gpu_check.py times both).
+    # instead of a loop of foreach kernels (jobs/experiments/gpu_check.py times both).
     fused = {"fused": True} if params and params[0].is_cuda else {}
     if pc.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay, **fused)

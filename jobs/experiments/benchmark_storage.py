@@ -1,7 +1,7 @@
 """How long loading a real checkpoint from an S3-protocol server takes, before and after
 cifar_ray read checkpoints in a few parallel ranged GETs. Prints a table and writes JSON.
 
-    python jobs/benchmark_storage.py                 # starts moto_server on 127.0.0.1
+    python jobs/experiments/benchmark_storage.py                 # starts moto_server on 127.0.0.1
 
 The checkpoint is the recipe's: ResNet50 + head weights with AdamW's two moments (about
 285 MB), written by checkpoint.write_dir and uploaded by checkpoint.upload_dir. Timed side by
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, without an install
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, without an install
 
 import torch  # noqa: E402
 

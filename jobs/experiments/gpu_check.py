@@ -1,8 +1,8 @@
 """The GPU path, proven in one command: correctness on the device, speed per image size,
 and (when Ray is importable) real TorchTrainer runs. Prints a table and writes JSON.
 
-    PYTHONPATH=. python jobs/gpu_check.py --out results/gpu_check.json   # one GPU: < 6 min
-    PYTHONPATH=. python jobs/gpu_check.py --device cpu --tiny            # seconds, on CPU (CI)
+    PYTHONPATH=. python jobs/experiments/gpu_check.py --out results/gpu_check.json  # 1 GPU: < 6 min
+    PYTHONPATH=. python jobs/experiments/gpu_check.py --device cpu --tiny           # CPU, seconds
 
 Needs torch, torchvision, numpy and pyarrow; nothing is installed or fetched, and Ray or
 boto3 are used only if importable. Checks (cifar_ray/devicecheck.py): a two-phase run with
@@ -32,7 +32,7 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # the repo, without an install
 
 import torch  # noqa: E402

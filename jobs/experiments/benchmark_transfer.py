@@ -1,7 +1,7 @@
 """Does the two-phase recipe transfer? A measured experiment with a backbone the project
 pretrains itself (ImageNet weights cannot be had here). Prints a table and writes JSON.
 
-    python jobs/benchmark_transfer.py --tar ../shared/data/cifar10-train-jpeg.tar.gz
+    python jobs/experiments/benchmark_transfer.py --tar ../shared/data/cifar10-train-jpeg.tar.gz
 
 1. Source task: a ResNet50 trained from scratch (`--weights none`, phase 2 only) on five
    CIFAR-10 classes of the real JPEG tar: the four vehicles plus bird, so that the backbone
@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, without an install
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, without an install
 
 from cifar_ray import checkpoint, data, logs, runs, storage, train, tune  # noqa: E402
 from cifar_ray.config import PhaseConfig, PrepareConfig, SweepConfig, TrainConfig  # noqa: E402

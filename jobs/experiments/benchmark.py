@@ -1,6 +1,6 @@
 """Side-by-side throughput measurements on one machine; prints a table and writes JSON.
 
-    python jobs/benchmark.py --source-uri ../shared/data/cifar10-train-jpeg.tar.gz
+    python jobs/experiments/benchmark.py --source-uri ../shared/data/cifar10-train-jpeg.tar.gz
 
 Measures, in one run, on a real CIFAR-10 subset (--per-class images of each class):
   1. phase-2 images/s through Ray Train's TorchTrainer (1 worker holding all --threads)
@@ -11,7 +11,7 @@ Measures, in one run, on a real CIFAR-10 subset (--per-class images of each clas
   3. a phase-1 epoch's time divided by a phase-2 epoch's, with and without feature caching.
 Targets on a 2-core machine: (1) >= 0.95, (2) >= 20, (3) <= 0.1 with caching.
 
-    python jobs/benchmark.py --per-class 2000 --long 5 --rounds 2   # the per-epoch trend instead
+    python jobs/experiments/benchmark.py --per-class 2000 --long 5 --rounds 2   # the trend
 
 --long EPOCHS trains that many epochs (SGD, the whole prepared split) through TorchTrainer
 and as a bare loop in a process of its own, taking turns for --rounds rounds, and prints
@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, without an install
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, without an install
 
 import torch  # noqa: E402
 

@@ -1,6 +1,6 @@
 """ASHA with a shared phase 1 against a plain FIFO grid, side by side on a real CIFAR-10 subset.
 
-    python jobs/benchmark_tune.py --source-uri ../shared/data/cifar10-train-jpeg.tar.gz
+    python jobs/experiments/benchmark_tune.py --source-uri ../shared/data/cifar10-train-jpeg.tar.gz
 
 Both sweeps run the same LRs, recipe, seed and concurrency through `jobs/tune.py` (each in its
 own process with its own local Ray instance, one after the other):
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # the repo, without an install
 
 from cifar_ray import data, runs, storage  # noqa: E402
