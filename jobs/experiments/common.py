@@ -1,11 +1,12 @@
 """What the experiments in this folder share: the machine's name, results JSON and tables,
 /proc readers, a moto S3 server on loopback, and the prepared splits as tensors.
 
-    python jobs/experiments/benchmark.py --help      # any script here: `import common`
+    import common    # in a script here, run as `python jobs/experiments/<name>.py`
 
 Run as a script, a file here has this folder as sys.path[0], so `import common` finds this
-module with no install. Nothing heavy is imported at the top (torch, Ray, boto3 and
-cifar_ray only inside the functions that need them): gpu_check.py runs with torch alone.
+module with no install. Nothing heavy is imported at the top (torch and cifar_ray only
+inside the functions that need them; Ray and boto3 never): gpu_check.py runs with torch
+alone.
 """
 
 from __future__ import annotations
