@@ -1,8 +1,8 @@
 """Correctness of the production path on one device: what a GPU run relies on, checked in
 seconds. Plain PyTorch: no Ray, no boto3.
 
-    PYTHONPATH=. python jobs/gpu_check.py                   # these checks + speed, on a GPU
-    python -m pytest -q tests/test_devicecheck.py           # the same checks on CPU (and GPU)
+    PYTHONPATH=. python jobs/experiments/gpu_check.py   # these checks + speed, on a GPU
+    python -m pytest -q tests/test_devicecheck.py       # the same checks on CPU (and GPU)
 
 Each check runs the code the job runs (recipe.PhaseLoop, engine, checkpoint) with the
 settings a CUDA worker uses: bf16 autocast and channels_last (Runtime.for_device on CUDA;

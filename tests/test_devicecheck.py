@@ -1,4 +1,5 @@
-"""The GPU path's correctness checks (cifar_ray/devicecheck.py) and `jobs/gpu_check.py`.
+"""The GPU path's correctness checks (cifar_ray/devicecheck.py) and
+`jobs/experiments/gpu_check.py`.
 
     python -m pytest -q tests/test_devicecheck.py            # CPU; the gpu-marked ones skip
     python -m pytest -q -m gpu                               # on a machine with CUDA
@@ -83,10 +84,10 @@ def test_gpu_check_script_runs_on_cpu_in_tiny_mode(tmp_path):
     """The one-command GPU check, as CI can run it: PYTHONPATH=. from a plain checkout, on
     CPU, including its TorchTrainer run through jobs/train.py (a Ray instance of its own)."""
     out = tmp_path / "gpu_check.json"
-    done = subprocess.run([sys.executable, "jobs/gpu_check.py", "--device", "cpu", "--tiny",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=900, env={"PYTHONPATH": ".", "PATH": "/usr/bin:/bin",
-                                            "HOME": str(tmp_path)})
+    done = subprocess.run([sys.executable, "jobs/experiments/gpu_check.py", "--device", "cpu",
+                           "--tiny", "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=900,
+                          env={"PYTHONPATH": ".", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["checks"]) == set(devicecheck.CHECKS)

@@ -1,7 +1,7 @@
 """Does the two-phase recipe transfer? A measured experiment with a backbone the project
 pretrains itself (ImageNet weights cannot be had here). Prints a table and writes JSON.
 
-    python jobs/benchmark_transfer.py --tar ../shared/data/cifar10-train-jpeg.tar.gz
+    python jobs/experiments/benchmark_transfer.py --tar ../shared/data/cifar10-train-jpeg.tar.gz
 
 1. Source task: a ResNet50 trained from scratch (`--weights none`, phase 2 only) on five
    CIFAR-10 classes of the real JPEG tar: the four vehicles plus bird, so that the backbone
@@ -28,14 +28,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, without an install
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, without an install
+
+import common  # noqa: E402  (this folder's shared helpers)
 
 from cifar_ray import checkpoint, data, logs, runs, storage, train, tune  # noqa: E402
 from cifar_ray.config import PhaseConfig, PrepareConfig, SweepConfig, TrainConfig  # noqa: E402
@@ -74,14 +74,11 @@ def probes(target: TrainConfig, threads: int) -> dict:
     """(f): phase 1 alone on frozen features, transferred and random, 10 and 60 epochs."""
     import torch
 
-    from cifar_ray import engine, recipe
+    from cifar_ray import recipe
     from cifar_ray.model import build
 
     torch.set_num_threads(threads)
-    uri = target.dataset_uri()
-    tr, va = data.load_split(uri, "train"), data.load_split(uri, "val")
-    splits = recipe.DeviceSplits(engine.to_tensor(tr.images), torch.from_numpy(tr.labels),
-                                 engine.to_tensor(va.images), torch.from_numpy(va.labels))
+    splits = common.device_splits(target.dataset_uri())
     out = {}
     for weights in ("source", "random"):
         for epochs in (10, 60):
@@ -183,17 +180,14 @@ def main() -> None:
     if "probes" not in args.skip:
         results["probes"] = probes(a, args.cpus)
 
-    print(f"\n{'run':<22}{'img':>5}{'epochs':>9}{'train s':>9}{'wall s':>8}"
-          f"{'val p1':>8}{'val p2':>8}{'test':>8}")
-    for k in ("source", "a", "b", "c", "d"):
-        if k not in results:
-            continue
-        r = results[k]
-        fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
-        epochs = f"{r['epochs'][0]}+{r['epochs'][1]}"
-        print(f"{r['run']:<22}{r['image_size']:>5}{epochs:>9}"
-              f"{r['train_s']:>9.0f}{r['wall_s']:>8.0f}{fmt(r['best_val_phase1']):>8}"
-              f"{fmt(r['best_val_phase2']):>8}{r['test_acc']:>8.4f}")
+    print()
+    common.print_table(
+        "{:<22}{:>5}{:>9}{:>9}{:>8}{:>8}{:>8}{:>8}",
+        ("run", "img", "epochs", "train s", "wall s", "val p1", "val p2", "test"),
+        [(r["run"], r["image_size"], f"{r['epochs'][0]}+{r['epochs'][1]}",
+          f"{r['train_s']:.0f}", f"{r['wall_s']:.0f}", common.num(r["best_val_phase1"], 4),
+          common.num(r["best_val_phase2"], 4), f"{r['test_acc']:.4f}")
+         for r in (results[k] for k in ("source", "a", "b", "c", "d") if k in results)])
     print("phase 1 val acc per epoch (a):", results["a"]["phase1_val_per_epoch"])
     print(f"phase 2 over phase 1 (test): {results['a']['test_acc'] - results['b']['test_acc']:+.4f}"
           f"; transferred over scratch at equal time: "
@@ -206,14 +200,11 @@ def main() -> None:
     for name, p in results.get("probes", {}).items():
         print(f"phase 1 alone, {name}: train acc {p['train_acc']:.4f}, best val "
               f"{p['best_val']:.4f}")
-    out = args.out or os.path.join(root, "transfer.json")
-    with open(out, "w") as f:
-        json.dump({"machine": f"{platform.processor() or platform.machine()}, "
-                              f"{os.cpu_count()} CPUs", "source_classes": SOURCE,
-                   "target_classes": TARGET, "target_per_class": per,
-                   "source_backbone_sha256": sha, "total_wall_s": round(time.time() - t0),
-                   "results": results}, f, indent=2)
-    print(f"wrote {out}")
+    common.write_json({"machine": f"{common.cpu_name()}, {os.cpu_count()} CPUs",
+                       "source_classes": SOURCE, "target_classes": TARGET,
+                       "target_per_class": per, "source_backbone_sha256": sha,
+                       "total_wall_s": round(time.time() - t0), "results": results},
+                      args.out or os.path.join(root, "transfer.json"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """How long loading a real checkpoint from an S3-protocol server takes, before and after
 cifar_ray read checkpoints in a few parallel ranged GETs. Prints a table and writes JSON.
 
-    python jobs/benchmark_storage.py                 # starts moto_server on 127.0.0.1
+    python jobs/experiments/benchmark_storage.py                 # starts moto_server on 127.0.0.1
 
 The checkpoint is the recipe's: ResNet50 + head weights with AdamW's two moments (about
 285 MB), written by checkpoint.write_dir and uploaded by checkpoint.upload_dir. Timed side by
@@ -19,45 +19,21 @@ read takes minutes, so it runs in the first round only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, without an install
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, without an install
 
+import common  # noqa: E402  (this folder's shared helpers)
 import torch  # noqa: E402
 
 from cifar_ray import checkpoint, engine, model, storage  # noqa: E402
 from cifar_ray.config import PhaseConfig  # noqa: E402
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        sys.exit("benchmark_storage: moto_server did not start within 60 s")
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                       "AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark",
-                       "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
-    return proc, f"http://127.0.0.1:{port}"
 
 
 def recipe_checkpoint(directory: str) -> int:
@@ -91,8 +67,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="results/benchmark_storage.json")
     args = ap.parse_args()
-    proc, endpoint = start_moto()
-    try:
+    with common.moto_server():
         import boto3
 
         boto3.client("s3").create_bucket(Bucket="bench")
@@ -115,24 +90,19 @@ def main() -> int:
                 del state
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{k} {v[-1]:.1f} s" for k, v in times.items() if len(v) == r + 1), flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     mb = size / 1e6
     print(f"\ncheckpoint: {mb:.0f} MB (ResNet50 + AdamW state), moto_server on loopback, "
           f"{os.cpu_count()} CPUs, {platform.machine()}; parts of "
           f"{storage.PART // 2**20} MiB, {storage.READERS} at a time")
-    print(f"{'method':40} {'median s':>9} {'MB/s':>7} {'vs parallel':>12}")
-    for k in methods:
-        print(f"{k:40} {med[k]:9.2f} {mb / med[k]:7.0f} {med[k] / med['parallel']:11.1f}x")
+    common.print_table("{:40} {:>9} {:>7} {:>12}", ("method", "median s", "MB/s", "vs parallel"),
+                       [(k, f"{med[k]:.2f}", f"{mb / med[k]:.0f}",
+                         f"{med[k] / med['parallel']:.1f}x") for k in methods])
     out = {"checkpoint_bytes": size, "endpoint": "moto_server on 127.0.0.1",
            "cpus": os.cpu_count(), "part_bytes": storage.PART, "readers": storage.READERS,
            "seconds": times, "median_s": med}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    common.write_json(out, args.out)
     return 0
 
 

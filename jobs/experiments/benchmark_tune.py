@@ -1,6 +1,6 @@
 """ASHA with a shared phase 1 against a plain FIFO grid, side by side on a real CIFAR-10 subset.
 
-    python jobs/benchmark_tune.py --source-uri ../shared/data/cifar10-train-jpeg.tar.gz
+    python jobs/experiments/benchmark_tune.py --source-uri ../shared/data/cifar10-train-jpeg.tar.gz
 
 Both sweeps run the same LRs, recipe, seed and concurrency through `jobs/tune.py` (each in its
 own process with its own local Ray instance, one after the other):
@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the repo, without an install
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, without an install
+
+import common  # noqa: E402  (this folder's shared helpers)
 
 from cifar_ray import data, runs, storage  # noqa: E402
 from cifar_ray.config import PrepareConfig  # noqa: E402
@@ -46,12 +47,12 @@ def compute(exp: str, shared: bool) -> dict:
             "epoch_seconds": sum(r["seconds"] for r in ran), "phase2_epochs_per_trial": per_trial}
 
 
-def run_sweep(name: str, common: list[str], extra: list[str], exp: str, shared: bool,
+def run_sweep(name: str, flags: list[str], extra: list[str], exp: str, shared: bool,
               env: dict) -> dict:
-    cmd = [sys.executable, str(REPO / "jobs" / "tune.py"), "--name", name, *common, *extra]
+    cmd = [*common.job("tune"), "--name", name, *flags, *extra]
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, cwd=common.REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         sys.exit(f"{name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
@@ -62,7 +63,7 @@ def run_sweep(name: str, common: list[str], extra: list[str], exp: str, shared: 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--source-uri", default=str(REPO.parent / "shared" / "data" /
+    ap.add_argument("--source-uri", default=str(common.REPO.parent / "shared" / "data" /
                                                 "cifar10-train-jpeg.tar.gz"))
     ap.add_argument("--per-class", type=int, default=200,
                     help="real images per class (val takes --val-size of them)")
@@ -91,18 +92,18 @@ def main() -> int:
                                dataset="bench", val_size=args.val_size,
                                max_per_class=args.per_class))
     sweeps = os.path.join(work, "sweeps")
-    common = ["--data", work, "--dataset", "bench", "--storage", sweeps, "--weights", "none",
-              "--workers", "1", "--cpus-per-worker", "1",
-              "--max-concurrent-trials", str(concurrent),
-              "--phase1-epochs", str(args.phase1_epochs),
-              "--phase2-epochs", str(args.phase2_epochs),
-              "--phase1-batch-size", str(args.batch_size),
-              "--phase2-batch-size", str(args.batch_size), "--phase2-warmup-epochs", "0.5",
-              "--lrs", *map(str, args.lrs)]
-    grid = run_sweep("grid", common, ["--scheduler", "fifo", "--no-share-phase1"],
+    flags = ["--data", work, "--dataset", "bench", "--storage", sweeps, "--weights", "none",
+             "--workers", "1", "--cpus-per-worker", "1",
+             "--max-concurrent-trials", str(concurrent),
+             "--phase1-epochs", str(args.phase1_epochs),
+             "--phase2-epochs", str(args.phase2_epochs),
+             "--phase1-batch-size", str(args.batch_size),
+             "--phase2-batch-size", str(args.batch_size), "--phase2-warmup-epochs", "0.5",
+             "--lrs", *map(str, args.lrs)]
+    grid = run_sweep("grid", flags, ["--scheduler", "fifo", "--no-share-phase1"],
                      os.path.join(sweeps, "grid"), shared=False, env=env)
-    asha = run_sweep("asha", common, ["--scheduler", "asha", "--grace-period", "1",
-                                      "--reduction-factor", str(args.reduction_factor)],
+    asha = run_sweep("asha", flags, ["--scheduler", "asha", "--grace-period", "1",
+                                     "--reduction-factor", str(args.reduction_factor)],
                      os.path.join(sweeps, "asha"), shared=True, env=env)
     ratio = asha["trial_epochs"] / grid["trial_epochs"]
     gap = (grid["best_val_acc"] - asha["best_val_acc"]) * 100
@@ -121,16 +122,15 @@ def main() -> int:
     print(f"\n{results['train_images']} train / {args.val_size} val real images, "
           f"{len(args.lrs)} LRs, {args.phase1_epochs} + {args.phase2_epochs} epochs, "
           f"{concurrent} trials at once, {os.cpu_count()} CPUs, --weights none")
-    print(f"{'sweep':28} {'trial-epochs':>12} {'epoch s':>8} {'wall s':>8} {'best lr':>8} "
-          f"{'best val':>9}")
-    for label, r in (("FIFO grid, phase 1 per trial", grid), ("ASHA, shared phase 1", asha)):
-        print(f"{label:28} {r['trial_epochs']:>12} {r['epoch_seconds']:8.0f} {r['wall_s']:8.0f} "
-              f"{r['best_lr']:8.0e} {r['best_val_acc']:9.4f}")
-    print(f"{'ASHA / grid':28} {ratio:12.3f} {results['epoch_seconds_ratio']:8.3f} "
-          f"{results['wall_ratio']:8.3f} {'':8} {-gap:+8.1f}pt   (target <= 0.35, >= -1 pt)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    sweeps_run = (("FIFO grid, phase 1 per trial", grid), ("ASHA, shared phase 1", asha))
+    rows = [(label, r["trial_epochs"], f"{r['epoch_seconds']:.0f}", f"{r['wall_s']:.0f}",
+             f"{r['best_lr']:.0e}", f"{r['best_val_acc']:.4f}") for label, r in sweeps_run]
+    rows.append(("ASHA / grid", f"{ratio:.3f}", f"{results['epoch_seconds_ratio']:.3f}",
+                 f"{results['wall_ratio']:.3f}", "",
+                 f"{-gap:+8.1f}pt   (target <= 0.35, >= -1 pt)"))
+    common.print_table("{:28} {:>12} {:>8} {:>8} {:>8} {:>9}",
+                       ("sweep", "trial-epochs", "epoch s", "wall s", "best lr", "best val"), rows)
+    common.write_json(results, args.out)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Side-by-side throughput measurements on one machine; prints a table and writes JSON.
 
-    python jobs/benchmark.py --source-uri ../shared/data/cifar10-train-jpeg.tar.gz
+    python jobs/experiments/benchmark.py --source-uri ../shared/data/cifar10-train-jpeg.tar.gz
 
 Measures, in one run, on a real CIFAR-10 subset (--per-class images of each class):
   1. phase-2 images/s through Ray Train's TorchTrainer (1 worker holding all --threads)
@@ -11,7 +11,7 @@ Measures, in one run, on a real CIFAR-10 subset (--per-class images of each clas
   3. a phase-1 epoch's time divided by a phase-2 epoch's, with and without feature caching.
 Targets on a 2-core machine: (1) >= 0.95, (2) >= 20, (3) <= 0.1 with caching.
 
-    python jobs/benchmark.py --per-class 2000 --long 5 --rounds 2   # the per-epoch trend instead
+    python jobs/experiments/benchmark.py --per-class 2000 --long 5 --rounds 2   # the trend
 
 --long EPOCHS trains that many epochs (SGD, the whole prepared split) through TorchTrainer
 and as a bare loop in a process of its own, taking turns for --rounds rounds, and prints
@@ -27,29 +27,24 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, without an install
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, without an install
 
+import common  # noqa: E402  (this folder's shared helpers)
 import torch  # noqa: E402
 
 from cifar_ray import cluster, data, engine, recipe, runs, train  # noqa: E402
 from cifar_ray import model as M
 from cifar_ray.config import PhaseConfig, PrepareConfig, TrainConfig  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _data(cfg: TrainConfig, device="cpu") -> recipe.DeviceSplits:
-    tr = data.load_split(cfg.dataset_uri(), "train")
-    va = data.load_split(cfg.dataset_uri(), "val")
-    return recipe.DeviceSplits(engine.to_tensor(tr.images, device), torch.from_numpy(tr.labels),
-                       engine.to_tensor(va.images, device), torch.from_numpy(va.labels))
+# The --long table, printed a row per epoch as the epochs end.
+LONG_LAYOUT = "{:>5} {:>12} {:>5} {:>7} {:>12} {:>11} {:>12}"
+LONG_TITLES = ("round", "loop", "epoch", "img/s", "CPU s/1k img", "preempted/s", "others CPU s")
 
 
 def bare_phase2(cfg: TrainConfig, d: recipe.DeviceSplits) -> list[float]:
@@ -87,10 +82,10 @@ def idle_instance(lean: bool, seconds: float = 30.0) -> dict:
     cluster.start_local_ray(lean=lean)
     try:
         time.sleep(10)  # let start-up (prestarted workers included) settle
-        pids = descendants(os.getpid())
-        before, t0 = {p: proc_counters(p) for p in pids}, time.monotonic()
+        pids = common.descendants(os.getpid())
+        before, t0 = {p: common.proc_counters(p) for p in pids}, time.monotonic()
         time.sleep(seconds)
-        after, dt = {p: proc_counters(p) for p in pids}, time.monotonic() - t0
+        after, dt = {p: common.proc_counters(p) for p in pids}, time.monotonic() - t0
     finally:
         ray.shutdown()
     both = [p for p in pids if before[p] and after[p]]
@@ -132,74 +127,6 @@ def phase_epoch_seconds(cfg: TrainConfig, d: recipe.DeviceSplits, cache: bool,
 # ---------------------------------------------------------------- --long: the per-epoch trend
 
 
-def stat_fields(pid: int | str) -> list[str]:
-    """/proc/PID/stat after the process name: [0] state, [1] ppid, [11] utime, [12] stime."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def all_stats() -> dict[int, list[str]]:
-    """stat_fields of every live process on the machine."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                out[int(entry)] = stat_fields(entry)
-            except OSError:
-                continue
-    return out
-
-
-def cpu_by_pid() -> dict[int, float]:
-    """CPU seconds so far of every process on the machine (Ray's and everyone else's)."""
-    return {pid: (int(st[11]) + int(st[12])) / TICK for pid, st in all_stats().items()}
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid`."""
-    children: dict[int, list[int]] = {}
-    for p, st in all_stats().items():
-        children.setdefault(int(st[1]), []).append(p)
-    out, todo = set(), list(children.get(pid, []))
-    while todo:
-        p = todo.pop()
-        out.add(p)
-        todo += children.get(p, [])
-    return out
-
-
-def thread_switches(pid: int, keys: tuple[str, ...]) -> dict[int, int]:
-    """Per thread of the process: the sum of the given context-switch counters so far
-    ("\nvoluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")."""
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                text = f.read()
-            out[int(tid)] = sum(int(text.split(k)[1].split()[0]) for k in keys)
-        except (OSError, IndexError):
-            continue
-    return out
-
-
-def proc_counters(pid: int) -> tuple[float, int] | None:
-    """(CPU seconds, context switches) so far of a process, all its threads."""
-    try:
-        st = stat_fields(pid)
-        switches = thread_switches(pid, ("\nvoluntary_ctxt_switches:",
-                                         "nonvoluntary_ctxt_switches:"))
-        return (int(st[11]) + int(st[12])) / TICK, sum(switches.values())
-    except OSError:
-        return None
-
-
-def preemptions(pid: int) -> dict[int, int]:
-    """Involuntary context switches so far of each of the process's threads: each one is a
-    training thread taken off its core for another thread (this box has 2 cores and the loop
-    keeps both busy)."""
-    return thread_switches(pid, ("nonvoluntary_ctxt_switches:",))
-
-
 def epochs_sampled(find_pid, epochs_done, run) -> list[dict]:
     """Call run() (it trains); meanwhile, at the end of each epoch (a new metrics row), read
     from /proc what the epoch cost: the training process's CPU seconds and preemptions, and
@@ -218,14 +145,16 @@ def epochs_sampled(find_pid, epochs_done, run) -> list[dict]:
         # A thread's counters leave /proc with it (Ray's training thread ends with the run,
         # before its last epoch is sampled): keep each thread's latest, read every 0.5 s.
         counts: dict[int, int] = {}
-        last, last_pre, seen = cpu_by_pid(), 0, 0
+        last, last_pre, seen = common.cpu_by_pid(), 0, 0
         while not stop.wait(0.5):
             try:
-                counts.update(preemptions(pid))
+                # Each one a training thread taken off its core for another thread (this box
+                # has 2 cores and the loop keeps both busy).
+                counts.update(common.preemptions(pid))
             except OSError:  # the process has ended
                 return
             if epochs_done() > seen:
-                now, pre = cpu_by_pid(), sum(counts.values())
+                now, pre = common.cpu_by_pid(), sum(counts.values())
                 mine = now.get(pid, 0.0) - last.get(pid, 0.0)
                 others = sum(v - last.get(k, 0.0) for k, v in now.items() if k != pid)
                 per_epoch.append({"cpu_s": mine, "others_cpu_s": others,
@@ -243,18 +172,6 @@ def epochs_sampled(find_pid, epochs_done, run) -> list[dict]:
     return per_epoch
 
 
-def training_worker() -> int | None:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::RayTrainWorker"):
-                        return int(entry)
-            except OSError:
-                continue
-    return None
-
-
 def bare_child(cfg_dict: dict, rows: str) -> None:
     """The bare loop in a process of its own (measured from outside, as the Ray worker is);
     one JSON line per epoch."""
@@ -265,7 +182,8 @@ def bare_child(cfg_dict: dict, rows: str) -> None:
         with open(rows, "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
-    recipe.run_phases(cfg, M.build("none", seed=cfg.seed), _data(cfg), recipe.Runtime(), report)
+    recipe.run_phases(cfg, M.build("none", seed=cfg.seed), common.device_splits(cfg.dataset_uri()),
+                      recipe.Runtime(), report)
     time.sleep(2)  # still here when the parent reads the last epoch's counters from /proc
 
 
@@ -274,7 +192,8 @@ def long_loop(cfg: TrainConfig, via_ray: bool) -> list[dict]:
     if via_ray:
         def rows() -> list[dict]:
             return runs.read_metrics(cfg.run_uri())
-        sampled = epochs_sampled(training_worker, lambda: len(rows()), lambda: train.fit(cfg))
+        sampled = epochs_sampled(lambda: common.pid_by_cmdline(b"ray::RayTrainWorker"),
+                                 lambda: len(rows()), lambda: train.fit(cfg))
     else:
         import multiprocessing
 
@@ -316,18 +235,17 @@ def long_run(cfg: TrainConfig, epochs: int, rounds: int, images: int) -> dict:
     sgd = dataclasses.replace(cfg.phase2, epochs=epochs, optimizer="sgd", weight_decay=5e-4)
     os.makedirs(cfg.storage, exist_ok=True)
     out = {"epochs": epochs, "rounds": []}
-    print(f"{'round':>5} {'loop':>12} {'epoch':>5} {'img/s':>7} {'CPU s/1k img':>12} "
-          f"{'preempted/s':>11} {'others CPU s':>12}")
+    print(LONG_LAYOUT.format(*LONG_TITLES))
     for r in range(rounds):
         this = {}
         for loop, via_ray in (("TorchTrainer", True), ("bare", False)):
             c = dataclasses.replace(cfg, name=f"long-{loop}-{r}", phase2=sgd)
             rows = long_loop(c, via_ray)
             for e, row in enumerate(rows):
-                print(f"{r + 1:>5} {loop:>12} {e + 1:>5} {row['images_per_s']:7.1f} "
-                      f"{1000 * row['cpu_s'] / images:12.2f} "
-                      f"{row['preemptions'] / row['seconds']:11.0f} "
-                      f"{row['others_cpu_s']:12.1f}",
+                print(LONG_LAYOUT.format(r + 1, loop, e + 1, f"{row['images_per_s']:.1f}",
+                                         f"{1000 * row['cpu_s'] / images:.2f}",
+                                         f"{row['preemptions'] / row['seconds']:.0f}",
+                                         f"{row['others_cpu_s']:.1f}"),
                       flush=True)
             this[loop] = {"per_epoch": rows,
                           "trend": trend([x["images_per_s"] for x in rows[1:]])}
@@ -366,14 +284,14 @@ def main() -> int:
                       name="bench", workers=1, cpus_per_worker=args.threads, weights="none",
                       phase1=PhaseConfig(epochs=0, **phase),
                       phase2=PhaseConfig(epochs=4, augment=True, **phase))
-    d = _data(cfg)
+    d = common.device_splits(cfg.dataset_uri())
     results = {"machine": {"cpus": os.cpu_count(), "threads": args.threads,
-                           "cpu": platform.processor() or platform.machine(),
-                           "torch": torch.__version__},
+                           "cpu": common.cpu_name(), "torch": torch.__version__},
                "train_images": len(d.train_y), "batch_size": args.batch_size}
     if args.long:
         results["long"] = long_run(cfg, args.long, args.rounds, len(d.train_y))
-        return write(results, args.out)
+        common.write_json(results, args.out)
+        return 0
 
     # (2) and (3) first, before this process starts any Ray instance: ray.shutdown returns
     # while Ray's daemons are still exiting, and a pipeline epoch (~0.03 s) measured then
@@ -462,16 +380,9 @@ def main() -> int:
     print(f"\nphase-2 epoch: {p2:.1f} s; {results['train_images']} real train images, "
           f"batch {args.batch_size}, {args.threads} threads, {results['machine']['cpu']}, "
           f"torch {torch.__version__}")
-    print(f"{'measure':54} {'values':>24} {'ratio':>7} {'target':>7}")
-    for r in rows:
-        print(f"{r[0]:54} {r[1]:>24} {r[2]:>7} {r[3]:>7}")
-    return write(results, args.out)
-
-
-def write(results: dict, out: str) -> int:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    Path(out).write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    common.print_table("{:54} {:>24} {:>7} {:>7}", ("measure", "values", "ratio", "target"),
+                       rows)
+    common.write_json(results, args.out)
     return 0
 
 

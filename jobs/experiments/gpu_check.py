@@ -1,8 +1,8 @@
 """The GPU path, proven in one command: correctness on the device, speed per image size,
 and (when Ray is importable) real TorchTrainer runs. Prints a table and writes JSON.
 
-    PYTHONPATH=. python jobs/gpu_check.py --out results/gpu_check.json   # one GPU: < 6 min
-    PYTHONPATH=. python jobs/gpu_check.py --device cpu --tiny            # seconds, on CPU (CI)
+    PYTHONPATH=. python jobs/experiments/gpu_check.py --out results/gpu_check.json  # 1 GPU: < 6 min
+    PYTHONPATH=. python jobs/experiments/gpu_check.py --device cpu --tiny           # CPU, seconds
 
 Needs torch, torchvision, numpy and pyarrow; nothing is installed or fetched, and Ray or
 boto3 are used only if importable. Checks (cifar_ray/devicecheck.py): a two-phase run with
@@ -24,7 +24,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,9 +31,9 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the repo, without an install
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, without an install
 
+import common  # noqa: E402  (this folder's shared helpers)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -48,9 +47,9 @@ BF16_PEAK = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12
 
 
 def peak_flops(device: torch.device) -> tuple[str, float | None]:
+    name = common.device_name(device)
     if device.type != "cuda":
-        return platform.processor() or platform.machine(), None
-    name = torch.cuda.get_device_name(device)
+        return name, None
     return name, next((v for k, v in BF16_PEAK.items() if k in name), None)
 
 
@@ -160,8 +159,8 @@ def ray_run(device: torch.device, tiny: bool, work: str, compile: bool = False) 
         data.prepare(PrepareConfig(source="synthetic", data=data_dir, dataset="synthetic",
                                    val_size=n // 5 if tiny else 1000, synthetic_size=n))
     run = f"gpu-check-{name}{'-compiled' if compile else ''}"
-    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--data", data_dir,
-           "--dataset", "synthetic", "--storage", os.path.join(work, "runs"),
+    cmd = [*common.job("train"), "--data", data_dir, "--dataset", "synthetic",
+           "--storage", os.path.join(work, "runs"),
            "--name", run, "--workers", "1", "--weights", "none",
            "--use-gpu" if device.type == "cuda" else "--no-use-gpu",
            "--cpus-per-worker", "1" if tiny else "8", "--resource-timeout-s", "0"]
@@ -171,7 +170,7 @@ def ray_run(device: torch.device, tiny: bool, work: str, compile: bool = False) 
     if compile:
         cmd.append("--compile")
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=common.REPO)
     folder = Path(work, "runs", run)
     if done.returncode != 0 or not (folder / runs.RESULT).exists():
         raise devicecheck.CheckFailed(f"jobs/train.py exited {done.returncode}:\n"
@@ -228,8 +227,7 @@ def main() -> int:
     failures = 0
 
     def save() -> None:  # after every step: a check cut short still leaves what it measured
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+        common.write_json(report, args.out, default=str, announce=False)
 
     def attempt(label: str, fn, *a, **kw):
         nonlocal failures
@@ -300,22 +298,22 @@ def main() -> int:
                                              ray_run, device, tiny, work, compile=True)
 
     print()
-    print(f"{'check':48} {'result':>7}  detail")
-    for label, status, detail in rows:
-        print(f"{label:48} {status:>7}  {detail}")
+    common.print_table("{:48} {:>7}  {}", ("check", "result", "detail"), rows)
 
-    def cell(x, width: int, digits: int) -> str:
-        return f"{x:{width}.{digits}f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
-
-    print(f"\n{'size':>5} {'features img/s':>15} {'train plain':>12} {'eager':>8} "
-          f"{'compiled':>9} {'peak GiB':>9} {'MFU eager':>10} {'MFU comp.':>10}")
+    speed_rows = []
     for size in sorted(report["speed"]):
         r = report["speed"][size]
         plain, eager, comp = (r.get(k, {}) for k in ("plain", "eager", "compiled"))
-        print(f"{size:>5} {cell(r['features_images_per_s'], 15, 0)} "
-              f"{cell(plain.get('images_per_s'), 12, 0)} {cell(eager.get('images_per_s'), 8, 0)} "
-              f"{cell(comp.get('images_per_s'), 9, 0)} {cell(eager.get('peak_memory_gib'), 9, 2)} "
-              f"{cell(eager.get('mfu'), 10, 3)} {cell(comp.get('mfu'), 10, 3)}")
+        speed_rows.append((size, common.num(r["features_images_per_s"], 0),
+                           common.num(plain.get("images_per_s"), 0),
+                           common.num(eager.get("images_per_s"), 0),
+                           common.num(comp.get("images_per_s"), 0),
+                           common.num(eager.get("peak_memory_gib"), 2),
+                           common.num(eager.get("mfu"), 3), common.num(comp.get("mfu"), 3)))
+    print()
+    common.print_table("{:>5} {:>15} {:>12} {:>8} {:>9} {:>9} {:>10} {:>10}",
+                       ("size", "features img/s", "train plain", "eager", "compiled", "peak GiB",
+                        "MFU eager", "MFU comp."), speed_rows)
     if "largest_batch_224" in report:
         print(f"largest per-GPU batch at 224 px: {report['largest_batch_224']}")
     for key in ("ray", "ray_compiled"):
