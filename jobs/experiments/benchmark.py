@@ -38,23 +38,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, withou
 import common  # noqa: E402  (this folder's shared helpers)
 import torch  # noqa: E402
 
-from cifar_ray import cluster, data, engine, recipe, runs, train  # noqa: E402
+from cifar_ray import cluster, data, engine, runs, train  # noqa: E402
 from cifar_ray import model as M
 from cifar_ray.config import PhaseConfig, PrepareConfig, TrainConfig  # noqa: E402
+from cifar_ray.recipe import PhaseLoop  # noqa: E402
+from cifar_ray.runtime import DeviceSplits, Runtime  # noqa: E402
 
 # The --long table, printed a row per epoch as the epochs end.
 LONG_LAYOUT = "{:>5} {:>12} {:>5} {:>7} {:>12} {:>11} {:>12}"
 LONG_TITLES = ("round", "loop", "epoch", "img/s", "CPU s/1k img", "preempted/s", "others CPU s")
 
 
-def bare_phase2(cfg: TrainConfig, d: recipe.DeviceSplits) -> list[float]:
+def bare_phase2(cfg: TrainConfig, d: DeviceSplits) -> list[float]:
     """Images/s of each phase-2 epoch in a plain process (no Ray at all)."""
-    hist = recipe.run_phases(cfg, M.build("none", seed=cfg.seed), d, recipe.Runtime(),
-                             report=lambda m, s: None)
+    hist = PhaseLoop(cfg, M.build("none", seed=cfg.seed), d, Runtime(),
+                     report=lambda m, s: None).run()
     return [h["images_per_s"] for h in hist]
 
 
-def bare_phase2_beside_idle_ray(cfg: TrainConfig, d: recipe.DeviceSplits) -> list[float]:
+def bare_phase2_beside_idle_ray(cfg: TrainConfig, d: DeviceSplits) -> list[float]:
     """The bare loop again while a local Ray instance idles: what Ray's daemons alone cost."""
     import ray
 
@@ -110,13 +112,13 @@ def pipeline(cfg: TrainConfig, batch: int) -> dict:
             "images_per_s": n / (read_s + aug_s)}
 
 
-def phase_epoch_seconds(cfg: TrainConfig, d: recipe.DeviceSplits, cache: bool,
+def phase_epoch_seconds(cfg: TrainConfig, d: DeviceSplits, cache: bool,
                         epochs: int) -> dict:
     """Per-epoch seconds of phase 1 (first epoch includes feature extraction) and phase 2."""
     c = dataclasses.replace(cfg, cache_features=cache,
                             phase1=dataclasses.replace(cfg.phase1, epochs=epochs))
-    hist = recipe.run_phases(c, M.build("none", seed=c.seed), d, recipe.Runtime(),
-                             report=lambda m, s: None)
+    hist = PhaseLoop(c, M.build("none", seed=c.seed), d, Runtime(),
+                     report=lambda m, s: None).run()
     p1 = [h["seconds"] for h in hist if h["phase"] == 1]
     p2 = [h["seconds"] for h in hist if h["phase"] == 2]
     return {"phase1_epoch_s": p1, "phase2_epoch_s": p2,
@@ -182,8 +184,8 @@ def bare_child(cfg_dict: dict, rows: str) -> None:
         with open(rows, "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
-    recipe.run_phases(cfg, M.build("none", seed=cfg.seed), common.device_splits(cfg.dataset_uri()),
-                      recipe.Runtime(), report)
+    PhaseLoop(cfg, M.build("none", seed=cfg.seed), common.device_splits(cfg.dataset_uri()),
+              Runtime(), report).run()
     time.sleep(2)  # still here when the parent reads the last epoch's counters from /proc
 
 

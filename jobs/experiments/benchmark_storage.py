@@ -52,7 +52,7 @@ def stream(fs, path: str) -> dict:
     def read(name: str) -> bytes:
         with fs.open_input_stream(f"{path}/{name}") as f:
             return f.read()
-    return checkpoint._load(read(checkpoint.STATE), read(checkpoint.DIGEST).decode(), path)
+    return checkpoint.verified_load(read(checkpoint.STATE), read(checkpoint.DIGEST).decode(), path)
 
 
 def ray_download(fs, path: str) -> dict:

@@ -15,7 +15,7 @@ pretrains itself (ImageNet weights cannot be had here). Prints a table and write
      c. from scratch, for as many epochs as fit in (a)'s training time;
      d. (a) at --image-size 64;
      e. a short ASHA sweep of phase 2's LR (jobs/tune.py's path), from the shared phase 1;
-     f. probes of phase 1 alone, in this process (recipe.run_phases, no Ray): the head on
+     f. probes of phase 1 alone, in this process (recipe.PhaseLoop, no Ray): the head on
         frozen transferred features and on frozen random ones, for the default 10 epochs
         and for 60 (more steps: the target set gives phase 1 only 13 a epoch).
 Every run but (f) goes through train.fit / tune.sweep, what jobs/train.py and jobs/tune.py
@@ -74,8 +74,9 @@ def probes(target: TrainConfig, threads: int) -> dict:
     """(f): phase 1 alone on frozen features, transferred and random, 10 and 60 epochs."""
     import torch
 
-    from cifar_ray import recipe
     from cifar_ray.model import build
+    from cifar_ray.recipe import PhaseLoop
+    from cifar_ray.runtime import Runtime
 
     torch.set_num_threads(threads)
     splits = common.device_splits(target.dataset_uri())
@@ -87,7 +88,7 @@ def probes(target: TrainConfig, threads: int) -> dict:
                 phase2=NO_PHASE, **({} if weights == "source" else
                                     {"weights": "none", "weights_sha256": None}))
             model = build(cfg.weights, cfg.weights_sha256, len(TARGET), cfg.seed)
-            rows = recipe.run_phases(cfg, model, splits, recipe.Runtime(), lambda m, s: None)
+            rows = PhaseLoop(cfg, model, splits, Runtime(), lambda m, s: None).run()
             out[f"{weights} features, {epochs} epochs"] = {
                 "train_acc": rows[-1]["train_acc"],
                 "best_val": max(r["val_acc"] for r in rows)}

@@ -205,12 +205,9 @@ def moto_server(start_timeout_s: float = 60.0) -> Iterator[str]:
 
 def device_splits(dataset_uri: str, device="cpu"):
     """A prepared dataset's train and val splits as tensors on `device`, as the recipe takes
-    them (recipe.DeviceSplits), for running it in this process without Ray."""
-    import torch
+    them (runtime.DeviceSplits), for running it in this process without Ray."""
+    from cifar_ray import data
+    from cifar_ray.runtime import DeviceSplits
 
-    from cifar_ray import data, engine, recipe
-
-    tr = data.load_split(dataset_uri, "train")
-    va = data.load_split(dataset_uri, "val")
-    return recipe.DeviceSplits(engine.to_tensor(tr.images, device), torch.from_numpy(tr.labels),
-                               engine.to_tensor(va.images, device), torch.from_numpy(va.labels))
+    return DeviceSplits.of(data.load_split(dataset_uri, "train"),
+                           data.load_split(dataset_uri, "val"), device)

@@ -118,10 +118,10 @@ def train_speed(device: torch.device, size: int, batch: int, steps: int, variant
         y = torch.randint(0, 10, (len(x),), device=device)
         sync(device)
         t0 = time.perf_counter()
-        engine.train_one_epoch(step_model, x, y, batch_size=batch, optimizer=opt,
-                               scheduler=sched, loss_fn=nn.CrossEntropyLoss(),
-                               transform=transform, gen=torch.Generator().manual_seed(0),
-                               amp_dtype=rt.amp_dtype)
+        engine.train_one_epoch(step_model, engine.batches(x, y, batch, transform,
+                                                          torch.Generator().manual_seed(0)),
+                               engine.Optimization(opt, sched, nn.CrossEntropyLoss(),
+                                                   rt.amp_dtype))
         sync(device)
         return time.perf_counter() - t0
 
@@ -281,7 +281,7 @@ def main() -> int:
         # name, the largest batch, the real TorchTrainer run, then the rest.
         for size in sizes[:2]:
             speed(size)
-        if compile_ok:  # --compile through recipe.run_phases: both phases, CUDA graphs
+        if compile_ok:  # --compile through recipe.PhaseLoop: both phases, CUDA graphs
             report["checks"]["two_phases_compiled"] = attempt(
                 "check: two_phases, --compile", devicecheck.two_phases, device, n=n,
                 compile=True)
