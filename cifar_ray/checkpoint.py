@@ -7,7 +7,9 @@ runs may go on from one, and a classifier loaded from one.
 A checkpoint is a folder checkpoint-p<phase>-e<epoch>[-s<step>] in a run folder holding one
 torch file and its sha256. The digest is written after the state, so a checkpoint whose
 upload stopped half way fails verification with a clear error instead of loading garbage,
-and is never the one a run resumes from. Loading uses `weights_only=True`: tensors, numbers,
+and is never the one a run resumes from. A phase-1 checkpoint holds what phase 1 changes,
+the head, and refers to the frozen backbone by URI and sha256 (head_only); loading joins the
+two again (whole). Loading uses `weights_only=True`: tensors, numbers,
 strings and containers only, no code runs. torch is imported where bytes are read or written,
 so that run folders can be listed without it (`cifar-ray inspect` starts fast anywhere).
 """
@@ -158,7 +160,7 @@ def load_dir(directory: str) -> dict:
     if not os.path.exists(state_path):
         raise CheckpointError(f"{directory}: no {STATE}; not a cifar_ray checkpoint")
     with open(state_path, "rb") as f:
-        return verified_load(f.read(), digest, directory)
+        return whole(verified_load(f.read(), digest, directory), directory)
 
 
 def load_fs(fs: pafs.FileSystem, path: str, label: str | None = None) -> dict:
@@ -178,7 +180,7 @@ def load_fs(fs: pafs.FileSystem, path: str, label: str | None = None) -> dict:
         if not isinstance(e.__cause__, FileNotFoundError):
             raise
         raise CheckpointError(f"{label}: no {STATE}; not a cifar_ray checkpoint") from e
-    return verified_load(data, digest, label)
+    return whole(verified_load(data, digest, label), label)
 
 
 def load_uri(uri: str) -> dict:
@@ -195,6 +197,67 @@ def upload_dir(directory: str, fs: pafs.FileSystem, dest: str, local: bool) -> N
         with open(os.path.join(directory, name), "rb") as f:
             storage.write_file(fs, posixpath.join(dest, name), f.read(), local=local,
                                label=posixpath.join(dest, name))
+
+
+# ---------------------------------------------------------------- phase 1: what changed
+
+
+def frozen_backbone(cfg: TrainConfig, model_state: dict) -> dict:
+    """{"uri", "sha256"} of the frozen backbone that phase-1 checkpoints refer to: the
+    --weights file itself when the run was given one; else (imagenet, none) the backbone's
+    tensors, written once into the run folder under a name made of their digest, so that
+    no file a checkpoint refers to is ever replaced by other bytes."""
+    import torch
+
+    if cfg.weights not in ("imagenet", "none"):
+        uri = storage.normalize(cfg.weights)
+        sha = cfg.weights_sha256 or hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+        return {"uri": uri, "sha256": sha.lower()}
+    buf = io.BytesIO()
+    torch.save({k[len("backbone."):]: v for k, v in model_state.items()
+                if k.startswith("backbone.")}, buf)
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    uri = storage.join(cfg.run_uri(), f"backbone-{sha[:16]}.pt")
+    if not storage.exists(uri):  # a restarted run finds it there
+        storage.write_bytes(uri, data)
+    return {"uri": uri, "sha256": sha}
+
+
+def head_only(state: dict, backbone: dict) -> dict:
+    """A phase-1 checkpoint's state as stored: phase 1 changes only the head, so it holds
+    the head's weights (with their optimizer and schedule) and refers to the frozen
+    backbone (`backbone`: frozen_backbone's) instead of carrying a copy of it."""
+    head = {k: v for k, v in state["model"].items() if not k.startswith("backbone.")}
+    return {**{k: v for k, v in state.items() if k != "model"}, "head": head,
+            "backbone": backbone}
+
+
+def whole(state: dict, where: str) -> dict:
+    """A loaded state with its whole model: a head_only state's head joined again to the
+    backbone it refers to, which must be there with the sha256 it was stored with."""
+    ref = state.pop("backbone", None)
+    if ref is None:
+        return state
+    import torch
+
+    from cifar_ray.model import backbone_tensors
+
+    uri, sha = storage.display(ref["uri"]), ref["sha256"]
+    try:
+        data = storage.read_bytes(ref["uri"])
+    except storage.StorageError as e:
+        raise CheckpointError(f"{where}: its frozen backbone {uri} (sha256 {sha}) cannot be "
+                              f"read: {e}") from e
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha:
+        raise CheckpointError(f"{where}: its frozen backbone {uri} has sha256 {got}, but the "
+                              f"checkpoint expects {sha}: the file was changed or replaced")
+    backbone = backbone_tensors(torch.load(io.BytesIO(data), map_location="cpu",
+                                           weights_only=True))
+    state["model"] = {**{f"backbone.{k}": v for k, v in backbone.items()},
+                      **state.pop("head")}
+    return state
 
 
 # ---------------------------------------------------------------- going on from one

@@ -81,6 +81,14 @@ def load_state_dict(uri: str, sha256: str | None = None) -> dict[str, torch.Tens
     return sd
 
 
+def backbone_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's tensors (keys as in Classifier.backbone) of a torchvision ResNet50
+    state_dict (its 1000-class `fc` dropped) or of one with a `backbone.` prefix."""
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return {k: v for k, v in sd.items() if not k.startswith("fc.")}
+
+
 def load_backbone(model: Classifier, weights: str, sha256: str | None = None) -> None:
     """Fill the backbone from `imagenet`, `none` (keep random init) or a path/URI.
 
@@ -89,9 +97,7 @@ def load_backbone(model: Classifier, weights: str, sha256: str | None = None) ->
     if weights == "none":
         return
     sd = _imagenet_state_dict() if weights == "imagenet" else load_state_dict(weights, sha256)
-    if any(k.startswith("backbone.") for k in sd):
-        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    sd = backbone_tensors(sd)
     try:
         model.backbone.load_state_dict(sd, strict=True)
     except RuntimeError as e:  # missing/unexpected keys or shape mismatches

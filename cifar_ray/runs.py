@@ -10,6 +10,8 @@ A run folder <storage>/<name>/ (`cifar-ray train`; also each sweep trial and a s
   checkpoint-p<phase>-e<epoch>/  Ray-managed: the best --keep-checkpoints by val accuracy and
                                  the latest (-s<step> on the end: taken mid-epoch, on a
                                  preemption notice)
+  backbone-<sha256>.pt           the frozen backbone phase-1 checkpoints refer to (they hold
+                                 the head only; checkpoint.frozen_backbone)
   model_final.pt                 the model's weights after the last epoch
   result.json                    written last: the run is finished
 An experiment folder <storage>/<name>/ (`cifar-ray tune`): Tune's experiment_state-*.json,

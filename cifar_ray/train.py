@@ -112,12 +112,14 @@ def preemption_notice():
 
 class Reporter:
     """The PhaseLoop's report callback on a Ray Train worker. Every rank reports (report is a
-    barrier); rank 0 also writes the checkpoint, then our own metrics.jsonl (Result.metrics
-    keeps only the last) and logs the epoch to TensorBoard (<run>/tb/) and MLflow. A
-    mid-epoch report (a preemption notice's; it has a "step") adds no metrics row."""
+    barrier); rank 0 also writes the checkpoint (in phase 1: the head, referring to the
+    frozen backbone, stored once), then our own metrics.jsonl (Result.metrics keeps only the
+    last) and logs the epoch to TensorBoard (<run>/tb/) and MLflow. A mid-epoch report (a
+    preemption notice's; it has a "step") adds no metrics row."""
 
     def __init__(self, cfg: TrainConfig, rank: int):
-        self.run_uri, self.rank, self.retry_s = cfg.run_uri(), rank, cfg.storage_retry_s
+        self.cfg, self.run_uri, self.rank = cfg, cfg.run_uri(), rank
+        self.backbone: dict | None = None  # phase 1's frozen backbone: where, its sha256
         self.board = tracking.TensorBoard(self.run_uri) if rank == 0 else None
         self.flow = tracking.mlflow_run(cfg, params=True) if rank == 0 else None
 
@@ -136,6 +138,10 @@ class Reporter:
             ckpt = history = None
             if self.rank == 0:
                 state = checkpoint_state()
+                if state["phase"] == 1:  # the head alone: the backbone is frozen, stored once
+                    self.backbone = self.backbone or checkpoint.frozen_backbone(
+                        self.cfg, state["model"])
+                    state = checkpoint.head_only(state, self.backbone)
                 checkpoint.write_dir(state, d)
                 ckpt = ray.train.Checkpoint.from_directory(d)
                 history = None if "step" in metrics else state["history"]
@@ -154,7 +160,7 @@ class Reporter:
         arrived."""
         fs, run_folder = ray_internals.run_storage()
         dest = posixpath.join(run_folder, dir_name)
-        with storage.retries(self.retry_s):  # Ray may call this from a thread of its own
+        with storage.retries(self.cfg.storage_retry_s):  # Ray may call this from its thread
             checkpoint.upload_dir(ckpt.path, fs, dest,
                                   local=isinstance(fs, pafs.LocalFileSystem))
         return ray.train.Checkpoint(dest, fs)

@@ -136,3 +136,57 @@ def test_load_classifier_gives_the_checkpoints_model_in_eval_mode(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), trained.eval()(x))
+
+
+def test_a_phase_1_checkpoint_holds_the_head_and_finds_its_frozen_backbone(tmp_path):
+    """Phase 1 changes only the head: its checkpoint refers to the frozen backbone (written
+    once, named by its digest) and loads whole; a changed or missing backbone is refused,
+    naming the file and the digest the checkpoint expects."""
+    import os
+
+    from cifar_ray import model as M
+    from cifar_ray.config import TrainConfig
+
+    cfg = TrainConfig(weights="none", storage=str(tmp_path), name="r")
+    trained = M.build("none", seed=5)
+    state = {"model": trained.state_dict(), "phase": 1, "epoch": 0, "history": []}
+    ref = checkpoint.frozen_backbone(cfg, state["model"])
+    assert ref == checkpoint.frozen_backbone(cfg, state["model"])  # the same file, once
+    assert len([n for n in os.listdir(tmp_path / "r") if n.startswith("backbone-")]) == 1
+    ckpt = tmp_path / "r" / checkpoint.dir_name(1, 0)
+    ckpt.mkdir()
+    checkpoint.write_dir(checkpoint.head_only(state, ref), str(ckpt))
+    assert (ckpt / checkpoint.STATE).stat().st_size < 2 * 2**20 < os.path.getsize(ref["uri"])
+    loaded = checkpoint.load_uri(str(ckpt))
+    assert set(loaded["model"]) == set(state["model"]) and "head" not in loaded
+    assert all(torch.equal(loaded["model"][k], v) for k, v in state["model"].items())
+
+    blob = open(ref["uri"], "rb").read()
+    open(ref["uri"], "wb").write(blob[:-1] + bytes([blob[-1] ^ 1]))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"frozen backbone {ref['uri']} has sha256 .* expects "
+                             f"{ref['sha256']}"):
+        checkpoint.load_uri(str(ckpt))
+    os.remove(ref["uri"])
+    with pytest.raises(checkpoint.CheckpointError, match=f"{ref['uri']} .*cannot be read"):
+        checkpoint.load_dir(str(ckpt))
+
+
+def test_a_phase_1_checkpoint_of_a_run_given_weights_refers_to_that_file(tmp_path):
+    from cifar_ray import model as M
+    from cifar_ray.config import TrainConfig
+
+    weights = tmp_path / "backbone.pt"
+    torch.save({k: v for k, v in M.build("none", seed=6).backbone.state_dict().items()},
+               weights)
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    cfg = TrainConfig(weights=str(weights), storage=str(tmp_path), name="r")
+    trained = M.build(str(weights), sha)
+    ref = checkpoint.frozen_backbone(cfg, trained.state_dict())
+    assert ref == {"uri": str(weights), "sha256": sha}
+    assert not (tmp_path / "r").exists()  # nothing written: the file is already there
+    state = checkpoint.head_only({"model": trained.state_dict(), "phase": 1, "epoch": 3}, ref)
+    checkpoint.write_dir(state, str(tmp_path))
+    model, loaded = checkpoint.load_classifier(str(tmp_path))
+    assert loaded["epoch"] == 3
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.state_dict().items())

@@ -31,7 +31,7 @@ from conftest import (
     wait_until,
 )
 
-from cifar_ray import cluster, data, model, ray_internals, runs, storage, train
+from cifar_ray import checkpoint, cluster, data, model, ray_internals, runs, storage, train
 from cifar_ray.config import PhaseConfig, TrainConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
@@ -105,6 +105,13 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
         assert f"runs/r1/{name}" in keys
     assert {"runs/r1/checkpoint-p1-e000/state.pt", "runs/r1/checkpoint-p2-e000/state.pt",
             "runs/r1/checkpoint-p2-e000/state.pt.sha256"} <= set(keys)
+    # Phase 1 stores what it changes: the head with its optimizer, referring to the frozen
+    # backbone stored once beside it; it loads whole.
+    (backbone,) = [k for k in keys if k.startswith("runs/r1/backbone-")]
+    p1 = f"s3://{bucket}/runs/r1/checkpoint-p1-e000"
+    assert len(storage.read_bytes(f"{p1}/state.pt")) < 4 * 2**20
+    assert checkpoint.load_uri(p1)["model"].keys() == model.build("none").state_dict().keys()
+    assert backbone.endswith(".pt")
     rows = [json.loads(x) for x in storage.read_bytes(f"s3://{bucket}/runs/r1/metrics.jsonl")
             .decode().splitlines()]
     assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0)]
