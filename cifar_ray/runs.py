@@ -12,7 +12,6 @@ A run folder <storage>/<name>/ (`cifar-ray train`; also each sweep trial and a s
                                  preemption notice)
   backbone-<sha256>.pt           the frozen backbone phase-1 checkpoints refer to (they hold
                                  the head only; checkpoint.frozen_backbone)
-  model_final.pt                 the model's weights after the last epoch
   result.json                    written last: the run is finished
 An experiment folder <storage>/<name>/ (`cifar-ray tune`): Tune's experiment_state-*.json,
 phase1/ (a run folder), trials/trial-<id>/ (a run folder each) and best.json, written last.
@@ -30,7 +29,7 @@ from cifar_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CONFIG, METRICS, FINAL, RESULT = "config.json", "metrics.jsonl", "model_final.pt", "result.json"
+CONFIG, METRICS, RESULT = "config.json", "metrics.jsonl", "result.json"
 PHASE1, TRIALS, BEST = "phase1", "trials", "best.json"
 
 

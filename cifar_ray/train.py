@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import io
 import logging
 import os
 import posixpath
@@ -76,8 +75,6 @@ def train_loop_per_worker(config: dict) -> None:
             log.info(f"starting from {source}: {ResumePoint.of(resume).describe()}")
         with Reporter(cfg, rank) as report:
             PhaseLoop(cfg, model, splits, rt, report).run(resume)
-        if rank == 0:
-            save_final(cfg, model)
 
 
 def load_device_splits(cfg: TrainConfig, rank: int, world: int, device: torch.device
@@ -164,14 +161,6 @@ class Reporter:
             checkpoint.upload_dir(ckpt.path, fs, dest,
                                   local=isinstance(fs, pafs.LocalFileSystem))
         return ray.train.Checkpoint(dest, fs)
-
-
-def save_final(cfg: TrainConfig, model: torch.nn.Module) -> None:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    final = storage.join(cfg.run_uri(), runs.FINAL)
-    storage.write_bytes(final, buf.getvalue())
-    log.info(f"final weights: {storage.display(final)}")
 
 
 # ---------------------------------------------------------------- on the driver
@@ -326,7 +315,9 @@ def run_and_evaluate(cfg: TrainConfig, manifest: dict) -> dict:
     summary = {"name": cfg.name, "run": storage.display(run_uri), "wall_seconds": round(wall, 1),
                "epochs": len(history),
                **score_best(run_uri, cfg, manifest, history),
-               "final_weights": storage.display(storage.join(run_uri, runs.FINAL))}
+               # The last epoch's weights: its checkpoint (Ray always keeps the latest), not
+               # a second copy of them.
+               "final_checkpoint": storage.display(checkpoint.newest_complete(run_uri))}
     runs.write_json(storage.join(run_uri, runs.RESULT), summary)
     record_result(cfg, summary)
     log.info(f"{runs.describe(summary)}; wall {wall:.0f} s")

@@ -101,7 +101,7 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
     public = sorted(s for s in seen if not s[0].startswith(("127.", "::1", "::ffff:127.")))
     assert not public, f"listening beyond loopback (ip, port, pid, process): {public}"
     keys = _keys(bucket, "runs/r1/")
-    for name in ("config.json", "metrics.jsonl", "model_final.pt", "result.json"):
+    for name in ("config.json", "metrics.jsonl", "result.json"):
         assert f"runs/r1/{name}" in keys
     assert {"runs/r1/checkpoint-p1-e000/state.pt", "runs/r1/checkpoint-p2-e000/state.pt",
             "runs/r1/checkpoint-p2-e000/state.pt.sha256"} <= set(keys)
@@ -116,6 +116,9 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
             .decode().splitlines()]
     assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0)]
     assert summary["evaluated_split"] == "test" and 0 <= summary["evaluated_acc"] <= 1
+    # The last epoch's weights are its checkpoint's: not written a second time.
+    assert summary["final_checkpoint"] == f"s3://{bucket}/runs/r1/checkpoint-p2-e000"
+    assert not [k for k in keys if k.endswith("model_final.pt")]
     # TensorBoard: rank 0's event file beside the metrics, the same values per epoch.
     (events,) = [k for k in keys if k.startswith("runs/r1/tb/events.out.tfevents.")]
     board = tensorboard_scalars(storage.read_bytes(f"s3://{bucket}/{events}"))
