@@ -37,10 +37,18 @@ class ASHA(ASHAScheduler):
     pass on a (nearly) empty rung, however weak, and may then run to the end. Here a trial
     that passed a rung early is stopped at its next result once later arrivals put it below
     that rung's cutoff: the cut synchronous successive halving would have made, still
-    without holding any trial back to wait for others.
+    without holding any trial back to wait for others. And a trial's last epoch (max_t)
+    is not stopped, as Tune's ASHA does: nothing is left to stop, and a stop kills the
+    trial while it writes its final weights and its timeline.json; it ends on its own.
     """
 
+    def __init__(self, *, time_attr: str, max_t: int, **kwargs):
+        super().__init__(time_attr=time_attr, max_t=max_t, **kwargs)
+        self.time_key, self.last = time_attr, max_t
+
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(self.time_key, 0) >= self.last:
+            return TrialScheduler.CONTINUE  # on_trial_complete records it at its rungs
         passed = ray_internals.asha_rungs_with(self, trial.trial_id)
         action = super().on_trial_result(tune_controller, trial, result)
         if action == TrialScheduler.CONTINUE:

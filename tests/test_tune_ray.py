@@ -73,15 +73,17 @@ def test_asha_sweep_on_s3_runs_phase1_once_and_inspect_reads_it(s3_data, bucket,
     assert best["best_phase"] == 2 and result["best_phase"] == 1
     # Where the walls went: the sweep's (phase 1, the trials, ...) adding up to its wall;
     # phase 1's, inside the sweep's Ray session (no start or shutdown of its own); each
-    # trial's that ran to its end (one the scheduler stops has none).
+    # trial's that ran all its epochs (one the scheduler stopped early has none).
     tl = best["timeline"]
     assert list(tl["seconds"]) == list(timeline.SWEEP_PARTS)
     assert sum(tl["seconds"].values()) == pytest.approx(best["wall_seconds"], abs=0.1)
     assert tl["seconds"]["phase1"] > 0 and tl["seconds"]["trials"] > 0
     assert result["timeline"]["seconds"]["phase1_training"] > 0
     assert result["timeline"]["seconds"]["ray_start"] == 0
+    assert any(len(r) == 3 for r in rows.values())  # the first to pass rung 1 always does
     for name in rows:
         trial_tl = runs.read_json(storage.join(exp, "trials", name, runs.TIMELINE))
+        assert (trial_tl is not None) == (len(rows[name]) == 3), name  # 1 + 2 epochs
         if trial_tl is not None:
             assert trial_tl["seconds"]["phase2_training"] > 0, name
             assert sum(trial_tl["seconds"].values()) == pytest.approx(
