@@ -69,6 +69,9 @@ class PhaseLoop:
         self.batch = self.steps = 0               # per rank; per epoch
         self.setup_seconds = 0.0                  # feature caching, counted in the 1st epoch
         self.last_train_seconds: float | None = None
+        # Time blocked in `report` since the last metrics row (on rank 0: the checkpoint's
+        # writing, Ray's report and the metrics files); after run(), the last report's.
+        self.report_seconds = 0.0
         # The epoch in progress (run_epoch).
         self.midway: ResumePoint | None = None    # the mid-epoch checkpoint it went on from
         self.poll_every = 1
@@ -151,22 +154,34 @@ class PhaseLoop:
                                  torch.Generator().manual_seed(seed))
         self.poll_every = poll_every(self.steps, self.last_train_seconds)
         self.epoch_t0 = self.last_line = time.monotonic()
+        blocked = self.report_seconds  # a mid-epoch checkpoint's report counts as blocked
         try:
             tr = engine.train_one_epoch(self.stepped, batches, self.optim,
                                         start=midway.step if midway else 0,
                                         on_step=self.after_step)
         except torch.OutOfMemoryError:
             raise self.out_of_memory() from None
+        # This worker-group start's own training (a mid-epoch resume carries the rest).
+        tr["own_seconds"] = tr["seconds"] - (self.report_seconds - blocked)
         if midway:
             tr = carried(tr, midway.partial, self.rt.rank)
         self.at = ResumePoint(self.phase, epoch)  # the epoch is done (no mid-epoch step)
+        t0 = time.perf_counter()
         va = engine.evaluate(self.module, engine.batches(self.val_x, self.data.val_y,
                                                          self.eval_batch, plain),
                              self.rt.amp_dtype)
+        va["seconds"] = time.perf_counter() - t0
         metrics = self.epoch_metrics(tr, va)
         self.history.append(metrics)
         log.info(epoch_line(self.cfg, metrics))
+        self.report_timed(metrics)
+
+    def report_timed(self, metrics: dict) -> None:
+        """Report (with the checkpoint), adding the time it blocked training to the next
+        metrics row's checkpoint_seconds."""
+        t0 = time.perf_counter()
         self.report(metrics, self.checkpoint_state)
+        self.report_seconds += time.perf_counter() - t0
 
     def after_step(self, step: int, sums: Callable[[], dict]) -> None:
         """After each training step: rank 0's progress line every --progress-s seconds;
@@ -194,8 +209,8 @@ class PhaseLoop:
         self.at = ResumePoint(self.phase, epoch, step, partial)
         log.warning(f"preemption notice: checkpointing phase {self.phase} epoch {epoch + 1} "
                     f"at step {step}")
-        self.report({"phase": self.phase, "epoch": epoch, "step": step,
-                     "val_acc": float("nan")}, self.checkpoint_state)
+        self.report_timed({"phase": self.phase, "epoch": epoch, "step": step,
+                           "val_acc": float("nan")})
 
     def checkpoint_state(self) -> dict:
         """What a report's checkpoint holds: where training stands, with everything a
@@ -203,11 +218,13 @@ class PhaseLoop:
         return checkpoint.state(self.model, self.optim, self.at, self.history, self.cfg)
 
     def epoch_metrics(self, tr: dict, va: dict) -> dict:
-        """One metrics.jsonl row: sums over every rank, the slowest rank's time."""
+        """One metrics.jsonl row: sums over every rank, the slowest rank's times (the keys
+        are runs.py's)."""
         rt = self.rt
         sums = rt.reduce([tr["loss_sum"], tr["correct"], tr["count"],
                           va["loss_sum"], va["correct"], va["count"]])
-        train_seconds = rt.reduce([tr["seconds"]], "max")[0]
+        train_seconds, own_seconds, eval_seconds = rt.reduce(
+            [tr["seconds"], tr["own_seconds"], va["seconds"]], "max")
         self.last_train_seconds = train_seconds  # the same on every rank (reduced)
         row = {
             "phase": self.phase, "epoch": self.at.epoch, "global_epoch": len(self.history) + 1,
@@ -217,8 +234,12 @@ class PhaseLoop:
             "lr_start": tr["lr_start"], "lr_end": tr["lr_end"],
             "seconds": train_seconds + self.setup_seconds,
             "images_per_s": sums[2] / max(train_seconds, 1e-9), "feature_cache": self.cached,
+            # Where the time went (timeline.py): this worker-group start's own share.
+            "train_seconds": own_seconds, "feature_cache_seconds": self.setup_seconds,
+            "eval_seconds": eval_seconds, "checkpoint_seconds": self.report_seconds,
+            "finished_at": time.time(),
         }
-        self.setup_seconds = 0.0  # counted once, in the phase's first epoch
+        self.setup_seconds = self.report_seconds = 0.0  # each counted once
         if self.restored is not None:  # the first epoch after a restore says where from
             row["restored_from"], self.restored = self.restored.record(), None
         return row

@@ -4,7 +4,8 @@
     python jobs/inspect_results.py ./results/smoke-sweep --json
 
 Sources, all under the experiment folder (layout: runs.py): trials/trial-<id>/{config,metrics}
-(our own per-run files), Tune's experiment_state-*.json (trial status), phase1/ and best.json.
+(our own per-run files) and timeline.json, Tune's experiment_state-*.json (trial status),
+phase1/ and best.json.
 An experiment with errored or unfinished trials is shown with their status rather than
 failing. No Ray and no torch here: a table or JSON needs only pyarrow (and boto3 for s3://),
 so `inspect` starts in a fraction of a second where importing Ray Train and Tune for file
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from cifar_ray import data, runs, storage
+from cifar_ray import data, runs, storage, timeline
 from cifar_ray.errors import UserError
 from cifar_ray.runs import BEST, PHASE1, TRIALS
 
@@ -44,6 +45,7 @@ class Trial:
     gpu_hours: float
     is_best: bool = False
     curve: list[dict] = field(default_factory=list, repr=False)
+    timeline: dict | None = None  # timeline.json: a trial that ran to its end
 
 
 def _tune_status(exp: str) -> dict[str, str]:
@@ -88,7 +90,8 @@ def load(exp: str) -> dict:
             stopped_early=st == "TERMINATED" and len(rows) < max_epochs,
             best_val_acc=best["val_acc"] if best else None,
             best_epoch=best["epoch"] if best else None,
-            wall_s=wall, gpu_hours=wall * gpus / 3600, curve=rows))
+            wall_s=wall, gpu_hours=wall * gpus / 3600, curve=rows,
+            timeline=runs.read_json(storage.join(trials_uri, name, runs.TIMELINE))))
     # Trials Tune knows that never wrote a run folder (pending, or failed at start).
     seen = {t.trial.removeprefix("trial-") for t in trials}
     for trial_id, st in status.items():
@@ -132,6 +135,8 @@ def run_table(info: dict) -> str:
                                                                    EPOCH_COLUMNS, strict=True)))
     lines.append(runs.describe(info["result"]) if info["result"]
                  else "no result.json yet: the run has not finished")
+    if info["result"] and info["result"].get("timeline"):
+        lines.append(f"timeline: {timeline.line(info['result']['timeline'])}")
     return "\n".join(lines)
 
 
@@ -153,6 +158,8 @@ def table(info: dict) -> str:
         lines.append(f"* best: lr {b['lr']:.3g}, val acc {b['best_val_acc']:.4f} at phase-2 "
                      f"epoch {b['best_epoch'] + 1}; {b['evaluated_split']} accuracy "
                      f"{b['evaluated_acc']:.4f}; checkpoint {b['best_checkpoint']}")
+        if b.get("timeline"):
+            lines.append(f"timeline: {timeline.line(b['timeline'])}")
     else:
         lines.append("no best.json yet: the sweep has not finished")
     return "\n".join(lines)

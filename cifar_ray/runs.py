@@ -12,10 +12,40 @@ A run folder <storage>/<name>/ (`cifar-ray train`; also each sweep trial and a s
                                  preemption notice)
   backbone-<sha256>.pt           the frozen backbone phase-1 checkpoints refer to (they hold
                                  the head only; checkpoint.frozen_backbone)
+  worker_starts.json             rank 0's record of each worker-group start (below)
   result.json                    written last: the run is finished
+  timeline.json                  a sweep trial's timeline (it has no result.json), if it ran
+                                 to its end (a trial the scheduler stops has none)
 An experiment folder <storage>/<name>/ (`cifar-ray tune`): Tune's experiment_state-*.json,
 phase1/ (a run folder), trials/trial-<id>/ (a run folder each) and best.json, written last.
 result.json and best.json name the same things with the same keys (`evaluated` below).
+
+Where the time went (timeline.py builds result.json's `timeline` from these). Seconds; on
+the slowest rank where every rank does the work, else on rank 0; Unix times on rank 0's clock:
+  metrics.jsonl rows   train_seconds          the epoch's training in this worker-group start
+                                              (`seconds`, the epoch's time as a person reads
+                                              it, adds feature caching and, after a resume
+                                              from a mid-epoch checkpoint, the part before it)
+                       feature_cache_seconds  phase 1's backbone pass, in the first epoch after
+                                              each (re)start of phase 1; else 0
+                       eval_seconds           the epoch's validation
+                       checkpoint_seconds     the time the training loop was blocked by the
+                                              reports since the previous row of the same
+                                              worker-group start: the previous epoch's (writing
+                                              the checkpoint, ray.train.report, metrics.jsonl,
+                                              TensorBoard, MLflow) and any mid-epoch one; 0 in
+                                              a start's first row (a start's last report is in
+                                              worker_starts.json)
+                       finished_at            when the epoch ended, before its report
+  worker_starts.json   a list, one entry per worker-group start, oldest first: started (its
+                       loop's start), data_load_seconds (this rank's data onto the device),
+                       model_setup_seconds (the model, its weights and the checkpoint it
+                       resumes from); at a clean end also final_report_seconds (the last
+                       report) and ended
+  result.json          wall_seconds (from the job's start to Ray's shutdown) and timeline:
+                       {"wall_seconds", "seconds": {part: s} in the order they happen,
+                       adding up to the wall, "restarts": how many}; best.json the same for
+                       the sweep as a whole (timeline.SWEEP_PARTS)
 """
 
 from __future__ import annotations
@@ -30,6 +60,7 @@ from cifar_ray.errors import UserError
 log = logging.getLogger(__name__)
 
 CONFIG, METRICS, RESULT = "config.json", "metrics.jsonl", "result.json"
+WORKER_STARTS, TIMELINE = "worker_starts.json", "timeline.json"
 PHASE1, TRIALS, BEST = "phase1", "trials", "best.json"
 
 
@@ -74,6 +105,15 @@ def read_metrics(run_uri: str) -> list[dict]:
     if not storage.exists(uri):
         return []
     return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines()]
+
+
+def read_worker_starts(run_uri: str) -> list[dict]:
+    """The run's worker-group starts so far (empty before the first)."""
+    return read_json(storage.join(run_uri, WORKER_STARTS)) or []
+
+
+def write_worker_starts(run_uri: str, starts: list[dict]) -> None:
+    write_json(storage.join(run_uri, WORKER_STARTS), starts)
 
 
 def read_runs(folder: str) -> dict[str, tuple[TrainConfig | None, list[dict]]]:

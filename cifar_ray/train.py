@@ -35,6 +35,7 @@ from cifar_ray import (
     rendezvous,
     runs,
     storage,
+    timeline,
     tracking,
 )
 from cifar_ray.checkpoint import ResumePoint
@@ -52,7 +53,9 @@ log = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: load this rank's data, restore, train, report."""
+    """Runs on every Ray Train worker: load this rank's data, restore, train, report. Rank 0
+    records this worker-group start in the run's worker_starts.json (for the timeline)."""
+    started = time.time()
     cfg = TrainConfig.from_dict(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -64,17 +67,41 @@ def train_loop_per_worker(config: dict) -> None:
     rt = dataclasses.replace(Runtime.for_device(device, rank, world),
                              preempted=preemption_notice())
     with storage.retries(cfg.storage_retry_s):
+        t0 = time.perf_counter()
         splits, num_classes = storage.retrying(
             cfg.dataset_uri(), "reading the dataset",
             lambda: load_device_splits(cfg, rank, world, device))
+        t1 = time.perf_counter()
         model = build(cfg.weights, cfg.weights_sha256, num_classes, cfg.seed).to(device)
         if rt.channels_last:
             model = model.to(memory_format=torch.channels_last)
         resume, source = checkpoint.resume_state(cfg)
         if resume is not None:
             log.info(f"starting from {source}: {ResumePoint.of(resume).describe()}")
+        start = WorkerStart(cfg.run_uri(), rank, {
+            "started": started, "data_load_seconds": t1 - t0,
+            "model_setup_seconds": time.perf_counter() - t1})
         with Reporter(cfg, rank) as report:
-            PhaseLoop(cfg, model, splits, rt, report).run(resume)
+            loop = PhaseLoop(cfg, model, splits, rt, report)
+            loop.run(resume)
+        if rank == 0:
+            start.finished(final_report_seconds=loop.report_seconds)
+
+
+class WorkerStart:
+    """Rank 0's entry for this worker-group start in <run>/worker_starts.json: written once
+    the data and model are ready, completed at a clean end (runs.py lists the fields). Rank
+    0 of one group at a time writes it, so a read, an append and a write do."""
+
+    def __init__(self, run_uri: str, rank: int, entry: dict):
+        self.run_uri, self.entry, self.starts = run_uri, entry, None
+        if rank == 0:
+            self.starts = [*runs.read_worker_starts(run_uri), entry]
+            runs.write_worker_starts(run_uri, self.starts)
+
+    def finished(self, **seconds: float) -> None:
+        self.entry.update(seconds, ended=time.time())
+        runs.write_worker_starts(self.run_uri, self.starts)
 
 
 def load_device_splits(cfg: TrainConfig, rank: int, world: int, device: torch.device
@@ -304,23 +331,37 @@ def score_best(run_uri: str, cfg: TrainConfig, manifest: dict, rows: list[dict],
                           evaluate_remote(ckpt_uri, cfg, runs.evaluation_split(manifest)))
 
 
-def run_and_evaluate(cfg: TrainConfig, manifest: dict) -> dict:
-    """Fit the run, score its best checkpoint, write result.json (last) and return it."""
+def run_and_evaluate(cfg: TrainConfig, manifest: dict, clock: timeline.Clock) -> dict:
+    """Fit the run and score its best checkpoint: result.json's contents but for the wall and
+    the timeline, which `write_result` adds once the caller has stopped `clock` (after Ray's
+    shutdown, when it started Ray). The workers' parts of the timeline go into `clock`."""
     run_uri = cfg.run_uri()
     runs.write_config(cfg)
-    t0 = time.time()
+    earlier = len(runs.read_worker_starts(run_uri))  # a resumed run's earlier jobs
+    fit_start = time.time()
     fit_trainer(cfg)
-    wall = time.time() - t0
+    clock.lap("fit")  # what the workers' parts below do not explain of it: `other`
     history = runs.read_metrics(run_uri)
-    summary = {"name": cfg.name, "run": storage.display(run_uri), "wall_seconds": round(wall, 1),
-               "epochs": len(history),
+    clock.add(*timeline.worker_parts(history, runs.read_worker_starts(run_uri)[earlier:],
+                                     fit_start))
+    summary = {"name": cfg.name, "run": storage.display(run_uri), "epochs": len(history),
                **score_best(run_uri, cfg, manifest, history),
                # The last epoch's weights: its checkpoint (Ray always keeps the latest), not
                # a second copy of them.
                "final_checkpoint": storage.display(checkpoint.newest_complete(run_uri))}
-    runs.write_json(storage.join(run_uri, runs.RESULT), summary)
+    clock.lap("final_evaluation")
+    return summary
+
+
+def write_result(cfg: TrainConfig, summary: dict, clock: timeline.Clock) -> dict:
+    """result.json, written last (the run is finished), with the wall and where it went;
+    logged, and recorded in MLflow. Returns it."""
+    tl = clock.timeline()
+    summary = {**summary, "wall_seconds": round(clock.wall(), 1), "timeline": tl}
+    runs.write_json(storage.join(cfg.run_uri(), runs.RESULT), summary)
     record_result(cfg, summary)
-    log.info(f"{runs.describe(summary)}; wall {wall:.0f} s")
+    log.info(f"{runs.describe(summary)}; wall {clock.wall():.0f} s")
+    log.info(timeline.line(tl))
     log.info(f"run folder: {summary['run']}")
     return summary
 
@@ -337,8 +378,13 @@ def record_result(cfg: TrainConfig, summary: dict) -> None:
 
 def fit(cfg: TrainConfig) -> dict:
     """Train a run end to end and return its result.json contents."""
+    clock = timeline.Clock()  # the run's wall: from here to Ray's shutdown
     cfg, manifest = preflight(cfg.with_smoke())
     with storage.retries(cfg.storage_retry_s):
         runs.check_run(cfg)
+        clock.lap("preflight")
         with cluster.session(cfg):
-            return run_and_evaluate(cfg, manifest)
+            clock.lap("ray_start")
+            summary = run_and_evaluate(cfg, manifest, clock)
+        clock.lap("shutdown")
+        return write_result(cfg, summary, clock)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from cifar_ray import checkpoint, cluster, ray_internals, runs, storage, train
+from cifar_ray import checkpoint, cluster, ray_internals, runs, storage, timeline, train
 from cifar_ray.config import DEFAULT_LRS, SweepConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,18 @@ class ASHA(ASHAScheduler):
     pass on a (nearly) empty rung, however weak, and may then run to the end. Here a trial
     that passed a rung early is stopped at its next result once later arrivals put it below
     that rung's cutoff: the cut synchronous successive halving would have made, still
-    without holding any trial back to wait for others.
+    without holding any trial back to wait for others. And a trial's last epoch (max_t)
+    is not stopped, as Tune's ASHA does: nothing is left to stop, and a stop kills the
+    trial while it writes its final weights and its timeline.json; it ends on its own.
     """
 
+    def __init__(self, *, time_attr: str, max_t: int, **kwargs):
+        super().__init__(time_attr=time_attr, max_t=max_t, **kwargs)
+        self.time_key, self.last = time_attr, max_t
+
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(self.time_key, 0) >= self.last:
+            return TrialScheduler.CONTINUE  # on_trial_complete records it at its rungs
         passed = ray_internals.asha_rungs_with(self, trial.trial_id)
         action = super().on_trial_result(tune_controller, trial, result)
         if action == TrialScheduler.CONTINUE:
@@ -95,11 +104,21 @@ def trial_config(base: TrainConfig, params: dict, trial_id: str, init: str) -> T
 
 def run_trial(params: dict) -> None:
     """One trial (runs in a Tune actor): its own TorchTrainer, metrics forwarded to Tune."""
+    clock = timeline.Clock()
     base = TrainConfig.from_dict(params["base"])
     cfg = trial_config(base, params, tune.get_context().get_trial_id(), params["init"])
     with storage.retries(cfg.storage_retry_s):
         runs.write_config(cfg)
+        earlier = len(runs.read_worker_starts(cfg.run_uri()))  # an interrupted sweep's
+        fit_start = time.time()
         train.fit_trainer(cfg, callbacks=[EpochReports()])
+        clock.lap("fit")  # a trial the scheduler stops early is killed before this: no timeline
+        clock.add(*timeline.worker_parts(runs.read_metrics(cfg.run_uri()),
+                                         runs.read_worker_starts(cfg.run_uri())[earlier:],
+                                         fit_start))
+        tl = clock.timeline()
+        runs.write_json(storage.join(cfg.run_uri(), runs.TIMELINE), tl)
+    log.info(f"{cfg.name}: {timeline.line(tl)}")
 
 
 def concurrency(cfg: SweepConfig) -> int:
@@ -121,11 +140,13 @@ def run_phase1(cfg: SweepConfig, manifest: dict) -> dict | None:
         log.info(f"phase 1: already done at {storage.display(p1.run_uri())}")
         return done
     log.info(f"phase 1: {p1.phase1.epochs} epochs, once for the whole sweep")
-    return train.run_and_evaluate(p1, manifest)
+    clock = timeline.Clock()  # within the sweep's Ray session: no start or shutdown of its own
+    return train.write_result(p1, train.run_and_evaluate(p1, manifest, clock), clock)
 
 
 def sweep(cfg: SweepConfig) -> dict:
     """Run (or resume) the sweep end to end; returns best.json's contents."""
+    clock = timeline.Clock()  # the sweep's wall: from here to Ray's shutdown
     cfg = cfg.with_smoke()
     t, manifest = train.preflight(cfg.train)
     t = dataclasses.replace(t, mlflow_experiment=t.name)  # phase 1 and the trials, in MLflow
@@ -133,15 +154,30 @@ def sweep(cfg: SweepConfig) -> dict:
     phase1_config(cfg)  # derived configs validate here, before Ray starts
     with storage.retries(t.storage_retry_s):
         resuming = runs.check_experiment(cfg)
+        clock.lap("preflight")
         # One trial's workers must fit: "more than the cluster can ever hold" fails here.
         with cluster.session(t):
-            return _sweep(cfg, manifest, resuming)
+            clock.lap("ray_start")
+            best = _sweep(cfg, manifest, resuming, clock)
+        clock.lap("shutdown")
+        tl = clock.timeline(timeline.SWEEP_PARTS)
+        best.update(wall_seconds=round(clock.wall(), 1), timeline=tl)
+        best_uri = storage.join(t.run_uri(), runs.BEST)
+        runs.write_json(best_uri, best)
+    train.record_result(runs.read_config(storage.join(t.run_uri(), runs.TRIALS, best["trial"])),
+                        best)
+    log.info(f"best trial {best['trial']}: lr {best['lr']:.3g}; {runs.describe(best)} "
+             f"({storage.display(best_uri)})")
+    log.info(timeline.line(tl))
+    return best
 
 
-def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool) -> dict:
+def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool, clock: timeline.Clock) -> dict:
+    """Phase 1, the trials and the best trial's score: best.json's contents but the wall and
+    its timeline."""
     t = cfg.train
-    exp = t.run_uri()
     p1 = run_phase1(cfg, manifest)
+    clock.lap("phase1")
     space, samples = search_space(cfg)
     n_trials = samples * math.prod(len(v["grid_search"]) for v in space.values()
                                    if isinstance(v, dict) and "grid_search" in v)
@@ -154,6 +190,7 @@ def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool) -> dict:
     # an empty request, so the driver asks for a token 1 MiB of memory and no CPU.
     trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": 2**20})
     storage_path, storage_fs = storage.for_ray(t.storage, t.storage_retry_s)
+    exp = t.run_uri()
     exp_path = storage.for_ray(exp)[0]
     if resuming and tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
         log.info(f"resuming experiment {storage.display(exp)}")
@@ -174,16 +211,13 @@ def _sweep(cfg: SweepConfig, manifest: dict, resuming: bool) -> dict:
             run_config=tune.RunConfig(name=t.name, storage_path=storage_path,
                                       storage_filesystem=storage_fs))
     grid = tuner.fit()
+    clock.lap("trials")
     best = best_trial(cfg, manifest, grid.num_errors)
     best.update({"phase1": {"epochs": t.phase1.epochs, "shared": cfg.share_phase1,
                             "val_acc": p1["best_val_acc"] if p1 else None},
                  "trials": n_trials, "phase1_epochs_saved": saved,
                  "scheduler": cfg.scheduler})
-    best_uri = storage.join(exp, runs.BEST)
-    runs.write_json(best_uri, best)
-    train.record_result(runs.read_config(storage.join(exp, runs.TRIALS, best["trial"])), best)
-    log.info(f"best trial {best['trial']}: lr {best['lr']:.3g}; {runs.describe(best)} "
-             f"({storage.display(best_uri)})")
+    clock.lap("final_evaluation")
     return best
 
 

@@ -49,6 +49,12 @@ def test_two_phases_report_every_epoch(tiny, caplog):
     assert [(s["phase"], s["epoch"]) for s in states] == [(1, 0), (1, 1), (2, 0)]
     assert states[-1]["history"] == hist and states[-1]["config"] == _cfg().to_dict()
     assert sum("img/s" in line and "phase ETA" in line for line in lines) == 3
+    # Where the time went (timeline.py): the backbone pass in phase 1's first epoch; each
+    # row the time the previous report blocked the loop (none before the first).
+    assert [h["feature_cache_seconds"] > 0 for h in hist] == [True, False, False]
+    assert [h["checkpoint_seconds"] > 0 for h in hist] == [False, True, True]
+    assert all(0 < h["train_seconds"] <= h["seconds"] and h["eval_seconds"] > 0 for h in hist)
+    assert hist[0]["finished_at"] < hist[1]["finished_at"] < hist[2]["finished_at"]
 
 
 def test_feature_cache_trains_the_same_head(tiny):

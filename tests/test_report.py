@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import re
 import shutil
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar_ray import checkpoint, data, runs
+from cifar_ray import checkpoint, data, runs, timeline
 from cifar_ray import model as M
 from cifar_ray.cli import main as cli
 from cifar_ray.config import PhaseConfig, PrepareConfig, SweepConfig, TrainConfig
@@ -37,7 +38,17 @@ def _run(folder, cfg: TrainConfig, rows: list[dict], split: str = "test") -> Non
              best["phase"], "epoch": best["epoch"], "history": rows, "config": cfg.to_dict()}
     checkpoint.write_dir(state, str(ckpt))
     ev = {"split": split, "accuracy": 0.1, "loss": 2.3, "count": 80}
-    runs.write_json(str(folder / runs.RESULT), runs.evaluated(best, str(ckpt), ev))
+    runs.write_json(str(folder / runs.RESULT), {**runs.evaluated(best, str(ckpt), ev),
+                                                "wall_seconds": 40.0, "timeline": RUN_TL})
+
+
+# Where a run's and the sweep's walls went, as train.fit and tune.sweep record them.
+RUN_TL = timeline.build(40.0, {"ray_start": 6.0, "worker_start": 3.0, "data_load": 1.5,
+                               "phase1_training": 4.0, "phase2_training": 15.0,
+                               "validation": 2.0, "checkpoints": 5.0, "final_evaluation": 1.0,
+                               "shutdown": 0.5})
+SWEEP_TL = timeline.build(90.0, {"ray_start": 6.0, "phase1": 20.0, "trials": 55.0,
+                                 "final_evaluation": 3.0}, parts=timeline.SWEEP_PARTS)
 
 
 def _rows(phases: tuple[int, int], lr: float) -> list[dict]:
@@ -73,10 +84,36 @@ def folders(tmp_path_factory):
                                   phase2=dataclasses.replace(base.phase2, lr=lr))
         rows = [r for r in _rows((2, 3), lr * 10) if r["phase"] == 2]
         _run(exp / runs.TRIALS / f"trial-t{i}", cfg, rows)
+        runs.write_json(str(exp / runs.TRIALS / f"trial-t{i}" / runs.TIMELINE), RUN_TL)
         best = {"trial": f"trial-t{i}", "lr": lr, "weight_decay": 0.05,
                 **runs.read_json(str(exp / runs.TRIALS / f"trial-t{i}" / runs.RESULT))}
-    runs.write_json(str(exp / runs.BEST), best)
+    runs.write_json(str(exp / runs.BEST), {**best, "wall_seconds": 90.0, "timeline": SWEEP_TL})
     return {"run": str(root / "runs" / "one"), "sweep": str(exp), "out": root / "html"}
+
+
+def test_inspect_shows_where_the_wall_went_as_text_json_and_a_bar(folders, capsys):
+    # The text: a `timeline:` line under the result; --json: the dict as stored.
+    for kind, tl in (("run", RUN_TL), ("sweep", SWEEP_TL)):
+        assert cli(["inspect", folders[kind]]) == 0
+        assert f"timeline: {timeline.line(tl)}" in capsys.readouterr().out.splitlines()
+        assert cli(["inspect", folders[kind], "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert (out["result"] if kind == "run" else out["best"])["timeline"] == tl
+    assert cli(["inspect", folders["sweep"], "--json"]) == 0
+    assert [t["timeline"] for t in json.loads(capsys.readouterr().out)["trials"]] == [RUN_TL] * 3
+    # The HTML: one bar a run, the sweep's and each trial's on a sweep's page; a segment per
+    # part above 0 s, as wide as its share of the wall, and a legend with its seconds.
+    out = folders["out"] / "timeline.html"
+    assert cli(["inspect", folders["run"], "--html", str(out)]) == 0
+    page = out.read_text()
+    (bar,) = re.findall(r"<div class='bar'.*?</div>", page)
+    widths = [float(w) for w in re.findall(r"width:([\d.]+)%", bar)]
+    assert len(widths) == sum(v > 0 for v in RUN_TL["seconds"].values()) == 10
+    assert sum(widths) == pytest.approx(100, abs=0.05)
+    assert "width:37.50%" in bar  # phase 2 training: 15 s of 40
+    assert "phase 2 training 15.0 s" in page and "blocked on checkpoints 5.0 s" in page
+    assert cli(["inspect", folders["sweep"], "--html", str(out)]) == 0
+    assert out.read_text().count("<div class='bar'") == 4
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +162,14 @@ def test_report_renders_its_table_and_every_figure_at_laptop_and_phone_width(
             assert len(browser.find_elements(By.CSS_SELECTOR, "tr.best")) == 1
         images = browser.find_elements(By.TAG_NAME, "img")
         assert len(images) == (3 if kind == "run" else 4)  # curves (+ LR), confusion, samples
+        bars = browser.find_elements(By.CSS_SELECTOR, ".timeline .bar")
+        assert len(bars) == (1 if kind == "run" else 4)  # the run; the sweep and its trials
+        for bar in bars:  # each as wide as the page's text, its segments filling it
+            segments = bar.find_elements(By.TAG_NAME, "span")
+            assert 0 < bar.size["width"] <= browser.execute_script(
+                "return document.documentElement.clientWidth")
+            assert sum(s.size["width"] for s in segments) == pytest.approx(
+                bar.size["width"], abs=len(segments))
         page_width = browser.execute_script("return document.documentElement.clientWidth")
         for img in images:
             assert browser.execute_script(

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cifar_ray import checkpoint, runs, storage
+from cifar_ray import checkpoint, runs, storage, timeline
+from cifar_ray.cli import main as cli
 from cifar_ray.config import PhaseConfig, SweepConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +128,9 @@ def test_inspect_reads_an_experiment_without_importing_ray_or_torch(tmp_path):
         runs.write_metrics(cfg.run_uri(), [_row(1, 0, 0.1)] + [
             _row(2, e, a) for e, a in enumerate(accs)])
     runs.write_metrics(str(exp / runs.PHASE1), [_row(1, 0, 0.1)])
+    # The second trial ran to its end: its timeline.json; the first was stopped: none.
+    trial_tl = timeline.build(20.0, {"phase2_training": 12.0, "checkpoints": 3.0})
+    runs.write_json(str(exp / runs.TRIALS / "trial-x_00001" / runs.TIMELINE), trial_tl)
     code = textwrap.dedent(f"""
         import sys
         from cifar_ray.cli import main
@@ -139,5 +143,29 @@ def test_inspect_reads_an_experiment_without_importing_ray_or_torch(tmp_path):
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout[:out.stdout.rindex("LOADED")])
     assert [t["best_val_acc"] for t in info["trials"] if t["is_best"]] == [0.6]
+    assert [t["timeline"] for t in info["trials"]] == [None, trial_tl]
     assert info["best"] is None  # no best.json: the sweep has not finished
     assert "LOADED []" in out.stdout
+
+
+def test_inspect_shows_where_a_runs_wall_went_in_its_table_and_json(tmp_path, capsys):
+    cfg = _cfg(tmp_path)
+    runs.write_config(cfg)
+    rows = [dict(_row(1, 0, 0.5), global_epoch=1, train_loss=2.0, train_acc=0.2, val_loss=2.1,
+                 lr_start=1e-3, lr_end=1e-4, images_per_s=100.0)]
+    runs.write_metrics(cfg.run_uri(), rows)
+    tl = timeline.build(25.0, {"ray_start": 5.0, "phase1_training": 9.0, "checkpoints": 2.5,
+                               "restarts": 4.0, "shutdown": 0.2}, restarts=1)
+    ev = {"split": "test", "accuracy": 0.4, "loss": 1.9, "count": 40}
+    result = {**runs.evaluated(rows[0], str(tmp_path / "r" / "checkpoint-p1-e000"), ev),
+              "wall_seconds": 25.0, "timeline": tl}
+    runs.write_json(storage.join(cfg.run_uri(), runs.RESULT), result)
+
+    assert cli(["inspect", cfg.run_uri()]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[-2].startswith("best checkpoint ")  # the timeline right under the result
+    assert text[-1] == ("timeline: wall 25 s: 9.0 s phase 1 training, 5.0 s Ray start, "
+                        "4.3 s other, 4.0 s lost to 1 restart, 2.5 s blocked on checkpoints")
+    assert cli(["inspect", cfg.run_uri(), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["result"]["timeline"]
+    assert shown == tl and sum(shown["seconds"].values()) == pytest.approx(25.0)

@@ -31,7 +31,17 @@ from conftest import (
     wait_until,
 )
 
-from cifar_ray import checkpoint, cluster, data, model, ray_internals, runs, storage, train
+from cifar_ray import (
+    checkpoint,
+    cluster,
+    data,
+    model,
+    ray_internals,
+    runs,
+    storage,
+    timeline,
+    train,
+)
 from cifar_ray.config import PhaseConfig, TrainConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
@@ -79,7 +89,8 @@ def test_a_local_instance_starts_no_worker_ahead_and_reports_no_usage():
     assert not ray_internals.usage_stats_enabled()
 
 
-def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket, capfd):
+def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket, capfd,
+                                                                 caplog):
     cfg = _cfg(s3_data, f"s3://{bucket}/runs", "r1")
     # Sample every listening socket of our processes while the 2 gloo workers train.
     seen, done = set(), threading.Event()
@@ -92,7 +103,8 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        summary = train.fit(cfg)
+        with caplog.at_level("INFO", logger="cifar_ray"):
+            summary = train.fit(cfg)
     finally:
         done.set()
         sampler.join()
@@ -129,6 +141,18 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
         assert board[f"phase{r['phase']}/accuracy/val"][r["epoch"] + 1] == pytest.approx(
             r["val_acc"], rel=1e-6)
     assert json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/result.json")) == summary
+    # Where the wall went: every part, adding up to it; training, and the loop blocked on
+    # the reports of its checkpoints; no restart. Its line in the log after the result.
+    tl = summary["timeline"]
+    assert list(tl["seconds"]) == list(timeline.RUN_PARTS)
+    assert sum(tl["seconds"].values()) == pytest.approx(summary["wall_seconds"], abs=0.15)
+    assert tl["seconds"]["phase1_training"] > 0 and tl["seconds"]["phase2_training"] > 0
+    assert tl["seconds"]["checkpoints"] > 0 and tl["seconds"]["worker_start"] > 0
+    assert tl["seconds"]["restarts"] == 0 and tl["restarts"] == 0
+    assert tl["seconds"]["phase2_training"] == pytest.approx(rows[1]["train_seconds"], abs=0.01)
+    assert timeline.line(tl) in caplog.messages
+    (start,) = json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/worker_starts.json"))
+    assert start["final_report_seconds"] > 0 and start["ended"] > rows[-1]["finished_at"]
     # The stored config is the resolved one, and no credential leaked into anything written.
     assert json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/config.json"))["name"] == "r1"
     # Everything written is under --storage (runs/): no marker objects above it. And no
@@ -201,6 +225,9 @@ def test_killed_worker_with_max_failures_resumes_from_its_checkpoint(s3_data, bu
     assert rows[restored[0]]["restored_from"] == {"phase": before["phase"],
                                                   "epoch": before["epoch"]}
     assert out["summary"]["epochs"] == 4
+    # The timeline counts the restart and the time it lost.
+    tl = out["summary"]["timeline"]
+    assert tl["restarts"] == 1 and tl["seconds"]["restarts"] > 0
 
 
 def test_a_storage_outage_during_training_costs_no_restart_and_no_epoch(
@@ -252,6 +279,12 @@ def test_failed_run_resumes_by_name_and_refuses_a_changed_recipe(s3_data, tmp_pa
     rows = _rows(cfg.run_uri())
     assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
     assert sum("restored_from" in r for r in rows) == 1
+    # Its timeline counts the epochs this job trained, not those of the failed one before.
+    (i,) = [i for i, r in enumerate(rows) if "restored_from" in r]
+    seconds = summary["timeline"]["seconds"]
+    assert seconds["phase1_training"] + seconds["phase2_training"] == pytest.approx(
+        sum(r["train_seconds"] for r in rows[i:]), abs=0.02)
+    assert summary["timeline"]["restarts"] == 0
     assert summary["epochs"] == 3 and (run / "result.json").exists()
 
     # Finished now: the same name is refused, unless --overwrite asks for a fresh run.

@@ -18,7 +18,7 @@ import pytest
 from conftest import wait_until
 from PIL import Image
 
-from cifar_ray import cluster, results, runs, storage, tune
+from cifar_ray import cluster, results, runs, storage, timeline, tune
 from cifar_ray.cli import main as cli
 from cifar_ray.config import PhaseConfig, SweepConfig, TrainConfig
 
@@ -71,6 +71,23 @@ def test_asha_sweep_on_s3_runs_phase1_once_and_inspect_reads_it(s3_data, bucket,
               "evaluated_acc", "evaluated_loss", "evaluated_images"}
     assert shared <= set(best) and shared <= set(result)
     assert best["best_phase"] == 2 and result["best_phase"] == 1
+    # Where the walls went: the sweep's (phase 1, the trials, ...) adding up to its wall;
+    # phase 1's, inside the sweep's Ray session (no start or shutdown of its own); each
+    # trial's that ran all its epochs (one the scheduler stopped early has none).
+    tl = best["timeline"]
+    assert list(tl["seconds"]) == list(timeline.SWEEP_PARTS)
+    assert sum(tl["seconds"].values()) == pytest.approx(best["wall_seconds"], abs=0.1)
+    assert tl["seconds"]["phase1"] > 0 and tl["seconds"]["trials"] > 0
+    assert result["timeline"]["seconds"]["phase1_training"] > 0
+    assert result["timeline"]["seconds"]["ray_start"] == 0
+    assert any(len(r) == 3 for r in rows.values())  # the first to pass rung 1 always does
+    for name in rows:
+        trial_tl = runs.read_json(storage.join(exp, "trials", name, runs.TIMELINE))
+        assert (trial_tl is not None) == (len(rows[name]) == 3), name  # 1 + 2 epochs
+        if trial_tl is not None:
+            assert trial_tl["seconds"]["phase2_training"] > 0, name
+            assert sum(trial_tl["seconds"].values()) == pytest.approx(
+                trial_tl["wall_seconds"], abs=0.1)
 
     # The same name again is refused without --resume.
     with pytest.raises(runs.ExperimentExistsError, match="--resume"):
