@@ -1,10 +1,17 @@
-"""Shared fixtures: a real S3-protocol server (moto) and a real Ray instance, both on loopback.
+"""Shared fixtures: a real S3-protocol server (moto) and a real Ray instance, both on loopback;
+the test tiers; `require` for outside resources.
 
-    python -m pytest -q
+    python -m pytest -q -m fast     # fast tier: no Ray, no S3 server, no browser, no shared data
+    python -m pytest -q             # the whole suite
 
-Both are started by the tests that need them and stopped afterwards: nothing outlives the
-session. Ray is started once per module that needs it (two Ray instances on one machine
+Both servers are started by the tests that need them and stopped afterwards: nothing outlives
+the session. Ray is started once per module that needs it (two Ray instances on one machine
 confuse Train V2), after the S3 environment is set so that workers inherit it.
+
+Tiers: every test is marked `fast` here unless it uses a fixture of HEAVY_FIXTURES (directly
+or through other fixtures) or carries the `ray` marker. A test that starts Ray, a server or a
+browser by itself must carry `ray` or get it through such a fixture: a fast test that leaves
+one behind fails (`_fast_tier_guard`), and tests/test_tiers.py checks the classification.
 """
 
 from __future__ import annotations
@@ -30,6 +37,128 @@ SHARED_TAR = Path(os.environ.get(
 # repository as their working directory.
 FAKE_KEY_ID = "AKIA" + "FAKEFORTESTS" + "0001"
 FAKE_SECRET = "/".join(("fake", "secret", "for", "cifar-ray", "tests", "0000000001"))
+# Ray Train's controller polls its workers every 2 s by default, so every run here noticed its
+# end (or a failure) a second late on average: tens of runs, tens of seconds. 0.5 s here, for
+# every Ray instance and job the tests start (Train passes it on to controller and workers).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
+# What makes a test heavy: {fixture: what it starts or needs}. Listed by name, wherever the
+# fixture is defined; a test using any of them, even through another fixture, is not fast.
+HEAVY_FIXTURES = {
+    "s3_server": "the S3-protocol server (moto)",
+    "bucket": "a bucket on the S3-protocol server",
+    "s3_data": "a dataset on the S3-protocol server",
+    "s3_proxy": "a TCP proxy in front of the S3-protocol server",
+    "ray_local": "the shared local Ray instance",
+    "_shared_ray": "the shared local Ray instance (RaySlot)",
+    "two_gpus": "a local Ray instance with logical GPUs (test_gpu_share.py)",
+    "nodes": "a Ray cluster of several nodes (test_cluster_faults.py)",
+    "head": "a `ray start --head` cluster and its jobs API (test_jobs_api.py)",
+    "mlflow_server": "an `mlflow server` (test_mlflow.py)",
+    "browser": "Chromium through ChromeDriver (test_report.py)",
+    "shared_tar": "the real CIFAR-10 JPEG tar (SHARED_TAR)",
+}
+# Markers that make a test heavy by themselves (for tests that start Ray in a subprocess).
+HEAVY_MARKERS = {"ray": "starts Ray (the `ray` marker)"}
+# Process names a fast test must never leave running (pgrep -f patterns, in effect).
+HEAVY_PROCESSES = ("raylet", "gcs_server", "moto", "chromium", "chromedriver", "mlflow")
+
+
+def heavy_reasons(fixturenames, marker_names) -> list[str]:
+    """Why a test with these fixtures (the transitive closure) and markers is not fast;
+    empty for a fast test."""
+    return ([f"{name}: {HEAVY_FIXTURES[name]}" for name in fixturenames
+             if name in HEAVY_FIXTURES] +
+            [f"@{m}: {HEAVY_MARKERS[m]}" for m in marker_names if m in HEAVY_MARKERS])
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not heavy_reasons(item.fixturenames, {m.name for m in item.iter_markers()}):
+            item.add_marker(pytest.mark.fast)
+    # Whole modules in an order of their own (a module's tests keep theirs: its fixtures are
+    # set up once), stable within a rank.
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    items[:] = [i for m in sorted(modules.values(), key=_module_rank) for i in m]
+
+
+def _module_rank(module_items: list) -> tuple[int, int]:
+    """A module's place in the run: fast tests only first (quick feedback); then the S3
+    server, the browser, the shared data; then the modules that start Ray their own way (a
+    cluster, a `ray start` head, a job script: each stops the shared instance first); last
+    the modules that use the shared local instance (`ray_local`), one after another so that
+    it starts as few times as possible: a module with a `fresh_ray` test first, one that
+    stops the instance too (a `ray` test without `ray_local`) last."""
+    def uses_local(i) -> bool:
+        return "ray_local" in i.fixturenames
+
+    def own_ray(i) -> bool:
+        return i.get_closest_marker("ray") is not None and not uses_local(i)
+
+    if any(uses_local(i) for i in module_items):
+        if any(i.get_closest_marker("fresh_ray") for i in module_items):
+            return 3, 0
+        return 3, 2 if any(own_ray(i) for i in module_items) else 1
+    if any(own_ray(i) for i in module_items):
+        return 2, 0
+    return (0 if all(i.get_closest_marker("fast") for i in module_items) else 1), 0
+
+
+def require(resource_ok: bool, what_to_install: str) -> None:
+    """A test whose outside resource (a program, a file: not a Python package, which the dev
+    install provides) is missing: skipped on a laptop, the reason saying what to install or
+    where to put the file; failed with the same message in CI (CIFAR_RAY_CI=1, set by
+    .ci/run), so that nothing is skipped silently where it counts.
+
+    Not for the CUDA tests: CI has no GPU by design, so they keep skipping there too
+    (`pytest.mark.skipif(not torch.cuda.is_available(), ...)`, marked `gpu`)."""
+    if resource_ok:
+        return
+    if os.environ.get("CIFAR_RAY_CI") == "1":
+        pytest.fail(f"missing in CI (CIFAR_RAY_CI=1): {what_to_install}", pytrace=False)
+    pytest.skip(what_to_install)
+
+
+def _heavy_processes() -> dict[int, str]:
+    """{pid: command line} of this process's descendants that a fast test must not start."""
+    out = {}
+    for pid in descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read(300).replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(name in cmd for name in HEAVY_PROCESSES):
+            out[pid] = cmd.strip()
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_guard(request):
+    """A fast test must not start Ray or a server itself: fail it if it leaves a Ray session
+    or one of HEAVY_PROCESSES behind (give it the `ray` marker or the fixture instead)."""
+    if request.node.get_closest_marker("fast") is None:
+        yield
+        return
+    ray_before = _ray_initialized()
+    before = _heavy_processes()
+    yield
+    started = {p: c for p, c in _heavy_processes().items() if p not in before}
+    if not ray_before and _ray_initialized():
+        started[0] = "a Ray session in this process"
+    if started:
+        pytest.fail("a fast test started " + "; ".join(started.values()) +
+                    ": mark it `ray` or use the fixture that starts it (HEAVY_FIXTURES)",
+                    pytrace=False)
+
+
+def _ray_initialized() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
 
 
 def free_port() -> int:
@@ -187,27 +316,89 @@ def s3_data(s3_server):
     return root
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_server):
-    """One real local Ray instance per module, started as the jobs start theirs (loopback,
-    token auth as Ray sets it); 2 CPUs whatever the machine has."""
+# The environment a Ray instance hands its workers when it starts (they inherit the
+# raylet's): a shared instance started with other values is restarted, so that a test that
+# sets, say, MLflow's credentials before Ray starts (test_mlflow.py) gets workers that have them.
+WORKER_ENV_PREFIXES = ("AWS_", "MLFLOW_")
+
+
+class RaySlot:
+    """The one Ray instance this session may have at a time (two on one machine confuse
+    Train V2). The local instance of `ray_local` is shared from test to test and module to
+    module while the workers' environment stays the same; it is stopped before every test
+    that starts Ray its own way (a cluster, a `ray start` head, a job script: tests marked
+    `ray` that do not use `ray_local`) and at the end of the session."""
+
+    def __init__(self):
+        self.env: dict | None = None  # the running instance's worker environment; None: none
+        self.served = 0  # tests that have used the running instance
+
+    def local(self, fresh: bool) -> None:
+        import ray
+
+        from cifar_ray import cluster
+
+        env = {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
+        if self.env is not None and (env != self.env or (fresh and self.served)
+                                     or not ray.is_initialized()):
+            self.stop()
+        if self.env is None:
+            cluster.start_local_ray(num_cpus=2, log_to_driver=True)
+            self.env, self.served = env, 0
+        self.served += 1
+
+    def stop(self) -> None:
+        if self.env is not None:
+            import ray
+
+            self.env = None
+            ray.shutdown()
+
+
+RAY_SLOT = RaySlot()
+
+
+@pytest.hookimpl(tryfirst=True)  # before any fixture of the test is set up
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("ray") and "ray_local" not in item.fixturenames:
+        RAY_SLOT.stop()
+
+
+@pytest.fixture(scope="session")
+def _shared_ray(s3_server):
+    """RAY_SLOT, stopped at the end of the session before the S3 server is."""
+    try:
+        yield RAY_SLOT
+    finally:
+        RAY_SLOT.stop()
+
+
+@pytest.fixture
+def ray_local(_shared_ray, request):
+    """The real local Ray instance, started as the jobs start theirs (loopback, token auth as
+    Ray sets it; 2 CPUs whatever the machine has) after the S3 environment is set, and shared
+    by every test that uses it (RaySlot). A test marked `fresh_ray` gets one that no test has
+    used yet: the first of its module, it takes the instance as started."""
     import ray
 
-    from cifar_ray import cluster
-
-    cluster.start_local_ray(num_cpus=2, log_to_driver=True)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    _shared_ray.local(fresh=request.node.get_closest_marker("fresh_ray") is not None)
+    return ray
 
 
-def shared_tar_slice(per_class: int) -> list[tuple[str, bytes]]:
-    """The first `per_class` JPEGs of each class from the real CIFAR-10 tar."""
-    if not SHARED_TAR.exists():
-        pytest.fail(f"real data missing: {SHARED_TAR} (set CIFAR_RAY_SHARED_TAR)")
+@pytest.fixture(scope="session")
+def shared_tar() -> Path:
+    """The real CIFAR-10 JPEG tar (16 MB): ../shared/data, or where CIFAR_RAY_SHARED_TAR says."""
+    require(SHARED_TAR.is_file(),
+            f"the real CIFAR-10 JPEG tar is not at {SHARED_TAR}: set "
+            "CIFAR_RAY_SHARED_TAR=/path/to/cifar10-train-jpeg.tar.gz")
+    return SHARED_TAR
+
+
+def shared_tar_slice(tar_path: Path, per_class: int) -> list[tuple[str, bytes]]:
+    """The first `per_class` JPEGs of each class from the real CIFAR-10 tar (the `shared_tar`
+    fixture's path)."""
     out, seen = [], {}
-    with tarfile.open(SHARED_TAR, "r|gz") as tar:
+    with tarfile.open(tar_path, "r|gz") as tar:
         for m in tar:
             if not (m.isfile() and m.name.endswith(".jpg")):
                 continue

@@ -62,6 +62,28 @@ def test_smoke_settings():
     assert cfg.phase1.epochs == cfg.phase2.epochs == 1
 
 
+def test_the_smoke_sweep_tries_three_lrs_on_synthetic_data_it_prepares_before_ray(tmp_path):
+    """`jobs/tune.py --smoke` (README's quick start): its settings, and the synthetic dataset
+    it prepares under --data before Ray starts. (A sweep through the jobs API, with these
+    settings spelled out: test_jobs_api.py.)"""
+    from cifar_ray import train
+    from cifar_ray.config import SweepConfig
+
+    ns = parser().parse_args(["tune", "--smoke", "--data", str(tmp_path / "datasets"),
+                              "--storage", str(tmp_path / "sweeps")])
+    sweep = SweepConfig.from_args(ns).with_smoke()
+    t = sweep.train
+    assert sweep.lrs == [3e-5, 3e-4, 3e-3] and sweep.grace_period == 1
+    assert (t.workers, t.use_gpu, t.weights, t.dataset, t.name) == (
+        1, False, "none", "synthetic", "smoke-sweep")
+    assert (t.phase1.epochs, t.phase2.epochs, t.phase1.batch_size, t.phase2.batch_size) == (
+        1, 2, 64, 64)
+    resolved, manifest = train.preflight(t)
+    assert {k: v["count"] for k, v in manifest["splits"].items()} == {
+        "train": 1600, "val": 400, "test": 400}
+    assert resolved.dataset_uri() == str(tmp_path / "datasets" / "synthetic")
+
+
 def test_bad_flag_exits_2_with_one_line_before_ray(tmp_path):
     """The job script rejects bad input itself, fast, without starting Ray."""
     out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--phase2-lr", "0",

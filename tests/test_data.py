@@ -130,10 +130,10 @@ def test_image_folder_with_splits_round_trips_exactly(tmp_path):
         np.stack([p for p, _ in exp_te]), np.array([c for _, c in exp_te]))
 
 
-def test_real_cifar_jpeg_slice_from_the_shared_tar(tmp_path):
+def test_real_cifar_jpeg_slice_from_the_shared_tar(tmp_path, shared_tar):
     """A few hundred real CIFAR-10 JPEGs, read through the tar path, decode to exactly what
     PIL decodes from the same bytes."""
-    members = shared_tar_slice(per_class=30)
+    members = shared_tar_slice(shared_tar, per_class=30)
     tar = write_tar(tmp_path / "slice.tar.gz", members)
     cfg = PrepareConfig(source="folder", source_uri=str(tar), data=str(tmp_path / "d"),
                         val_size=50)
@@ -153,10 +153,10 @@ def test_real_cifar_jpeg_slice_from_the_shared_tar(tmp_path):
                                                                                  expected_y)
 
 
-def test_a_class_subset_with_its_own_test_split_from_the_shared_tar(tmp_path):
+def test_a_class_subset_with_its_own_test_split_from_the_shared_tar(tmp_path, shared_tar):
     """A transfer task's dataset: five real classes of the tar, relabelled 0-4 in the order
     given, with validation and test splits carved from train, stratified and disjoint."""
-    members = shared_tar_slice(per_class=20)
+    members = shared_tar_slice(shared_tar, per_class=20)
     tar = write_tar(tmp_path / "slice.tar.gz", members)
     wanted = ["horse", "cat", "deer", "dog", "frog"]
     cfg = PrepareConfig(source="folder", source_uri=str(tar), data=str(tmp_path / "d"),

@@ -124,7 +124,7 @@ def test_a_sweep_is_one_experiment_with_a_run_per_trial(mlflow_server, ray_local
                             workers=1, storage=f"s3://{bucket}/sweeps",
                             phase2=PhaseConfig(epochs=1, optimizer="sgd", batch_size=64))
     best = tune.sweep(SweepConfig(train=t, lrs=[1e-3, 1e-2], scheduler="fifo",
-                                  max_concurrent_trials=1))
+                                  max_concurrent_trials=2))
     client = MlflowClient(mlflow_server["uri"])
     exp = client.get_experiment_by_name("tracked-sweep")
     found = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}

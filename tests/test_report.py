@@ -17,6 +17,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import require
 from PIL import Image
 
 from cifar_ray import checkpoint, data, runs, timeline
@@ -118,9 +119,9 @@ def test_inspect_shows_where_the_wall_went_as_text_json_and_a_bar(folders, capsy
 
 @pytest.fixture(scope="module")
 def browser():
-    if not (CHROMIUM and DRIVER):
-        pytest.fail("Chromium and ChromeDriver are needed (apt-get install chromium "
-                    "chromium-driver, as .ci/run does)")
+    require(bool(CHROMIUM and DRIVER),
+            "Chromium and its ChromeDriver are not on PATH: apt-get install chromium "
+            "chromium-driver (as .ci/run does)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 
 from cifar_ray import checkpoint, storage
 
@@ -166,8 +167,11 @@ def _mount_namespaces() -> bool:
 
 
 @pytest.mark.parametrize("mode", ["full", "ro"])
-@pytest.mark.skipif(not _mount_namespaces(), reason="no `unshare -rm` (mount namespaces) here")
 def test_local_storage_full_or_read_only_is_named_and_leaves_no_checkpoint(tmp_path, mode):
+    require(_mount_namespaces(),
+            "`unshare -rm true` fails here: it needs util-linux's unshare (apt-get install "
+            "util-linux) and unprivileged user namespaces (sysctl "
+            "kernel.unprivileged_userns_clone=1; in a container, one allowed to unshare)")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     cmd = ["unshare", "-rm", "sh", "-c",

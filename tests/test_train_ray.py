@@ -79,8 +79,9 @@ def _ray_workers() -> list[str]:
     return out
 
 
+@pytest.mark.fresh_ray
 def test_a_local_instance_starts_no_worker_ahead_and_reports_no_usage():
-    # First in this module, so the instance is fresh. Ray's defaults fork a worker per CPU
+    # On an instance no test has used yet. Ray's defaults fork a worker per CPU
     # (2 here) while ray.init starts the instance, before any task asks for one; ours starts
     # none until a task or actor needs it.
     for _ in range(6):
@@ -341,9 +342,11 @@ def test_a_local_instance_keeps_token_authentication_on(ray_local):
 def test_an_error_the_user_can_fix_reaches_the_driver_as_itself(s3_data, tmp_path):
     # A missing file is refused before Ray starts; one that is there but holds no state_dict
     # fails inside the workers (they load it), yet the caller (and the CLI, which prints it
-    # as one line) gets the WeightsError naming the flag, not Ray's wrapper.
+    # as one line) gets the WeightsError naming the flag, not Ray's wrapper. (No restarts:
+    # each would fail the same way, and take ten seconds here.)
     with pytest.raises(model.WeightsError, match=r"--weights .*missing\.pt: no such file"):
         train.fit(_cfg(s3_data, str(tmp_path), "w", weights=str(tmp_path / "missing.pt")))
     (tmp_path / "junk.pt").write_bytes(b"not a state_dict")
     with pytest.raises(model.WeightsError, match=r"--weights .*junk\.pt: not a loadable"):
-        train.fit(_cfg(s3_data, str(tmp_path), "w", weights=str(tmp_path / "junk.pt")))
+        train.fit(_cfg(s3_data, str(tmp_path), "w", weights=str(tmp_path / "junk.pt"),
+                       max_failures=0))
