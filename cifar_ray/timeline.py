@@ -8,7 +8,7 @@ what it does itself with a `Clock` (checks before Ray, Ray's start, the final ev
 Ray's shutdown); the workers' share comes from the run folder: every metrics.jsonl row times
 its epoch (training, validation, the time the loop was blocked by checkpoint reports) and
 rank 0 records each worker-group start in worker_starts.json (when it started, loading the
-data, building the model; at a clean end the last report and the final weights). `other` is
+data, building the model; at a clean end the last report). `other` is
 the wall minus every measured part, so the parts add up to the wall. Field by field: runs.py.
 """
 

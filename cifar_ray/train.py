@@ -86,6 +86,8 @@ def train_loop_per_worker(config: dict) -> None:
             loop.run(resume)
         if rank == 0:
             start.finished(final_report_seconds=loop.report_seconds)
+            log.info(f"training done: {len(loop.history)} epochs recorded in "
+                     f"{storage.display(cfg.run_uri())}")
 
 
 class WorkerStart:

@@ -39,7 +39,7 @@ class ASHA(ASHAScheduler):
     that rung's cutoff: the cut synchronous successive halving would have made, still
     without holding any trial back to wait for others. And a trial's last epoch (max_t)
     is not stopped, as Tune's ASHA does: nothing is left to stop, and a stop kills the
-    trial while it writes its final weights and its timeline.json; it ends on its own.
+    trial while it writes its last files and its timeline.json; it ends on its own.
     """
 
     def __init__(self, *, time_attr: str, max_t: int, **kwargs):

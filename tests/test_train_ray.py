@@ -172,7 +172,7 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
 
     def forwarded() -> bool:
         seen_out.append(capfd.readouterr())
-        return "final weights:" in "".join(c.out + c.err for c in seen_out)
+        return "training done:" in "".join(c.out + c.err for c in seen_out)
 
     wait_until(forwarded, 120, "the workers' last log line")
     text = "".join(c.out + c.err for c in seen_out)

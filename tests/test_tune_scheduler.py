@@ -58,7 +58,7 @@ def test_asha_keeps_a_trial_that_stays_above_every_cutoff(acc):
 
 
 def test_asha_lets_a_trial_end_on_its_own_after_its_last_epoch():
-    # Tune's ASHA stops every trial at max_t, killing it while it writes its final weights
+    # Tune's ASHA stops every trial at max_t, killing it while it writes its last files
     # and timeline; ours lets it end: its last epoch (8) is done, nothing is left to stop.
     last = [("a", 1, 0.5), ("b", 1, 0.6), ("a", 8, 0.1)]
     assert _run(ASHAScheduler, last)[-1] == STOP
