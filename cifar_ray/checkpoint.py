@@ -122,6 +122,23 @@ def state(model, optim, at: ResumePoint, history: list[dict], cfg: TrainConfig) 
     return out
 
 
+def snapshot(state: dict) -> dict:
+    """A copy of `state` that training no longer changes, with its tensors on the CPU: what
+    an upload that overlaps the next epoch writes. Copying is the only part of a checkpoint
+    that blocks training (on a GPU, one device-to-host copy of the weights and moments)."""
+    import torch
+
+    def copy(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().to("cpu", copy=True)
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+    return copy(state)
+
+
 # ---------------------------------------------------------------- bytes
 
 
@@ -272,10 +289,10 @@ def whole(state: dict, where: str) -> dict:
 FIELDS = {
     "data": "how", "storage": "how", "workers": "how", "use_gpu": "how",
     "cpus_per_worker": "how", "gpus_per_worker": "how", "compile": "how",
-    "keep_checkpoints": "how", "max_failures": "how", "storage_retry_s": "how",
-    "resource_timeout_s": "how", "mlflow_tracking_uri": "how", "mlflow_experiment": "how",
-    "progress_s": "how", "log_level": "how", "ray_log_level": "how", "overwrite": "how",
-    "smoke": "how",
+    "keep_checkpoints": "how", "checkpoint_upload": "how", "max_failures": "how",
+    "storage_retry_s": "how", "resource_timeout_s": "how", "mlflow_tracking_uri": "how",
+    "mlflow_experiment": "how", "progress_s": "how", "log_level": "how",
+    "ray_log_level": "how", "overwrite": "how", "smoke": "how",
     "dataset": "phase1", "weights": "phase1", "weights_sha256": "phase1",
     "image_size": "phase1", "phase1": "phase1", "cache_features": "phase1", "seed": "phase1",
     "name": "recipe", "phase2": "recipe", "init_checkpoint": "recipe",

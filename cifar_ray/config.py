@@ -24,6 +24,7 @@ from cifar_ray.storage import join
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+UPLOAD_MODES = ("async", "sync")
 SOURCES = ("torchvision", "archive", "folder", "synthetic")
 # Run and dataset names become path components in object storage: keep them portable.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -245,6 +246,9 @@ class TrainConfig(_Config):
     init_checkpoint: str | None = _f(None, "start from this checkpoint (path/URI) when the run "
                                      "has none of its own; sweeps pass their shared phase 1")
     keep_checkpoints: int = _f(2, "checkpoints kept (best by val accuracy)")
+    checkpoint_upload: str = _f("async", "async: the next epoch trains while the last "
+                                "checkpoint uploads (one upload at a time); sync: training "
+                                "waits for each upload", choices=UPLOAD_MODES)
     max_failures: int = _f(3, "worker-group restarts from the latest checkpoint before "
                            "failing (a lost node, storage down past --storage-retry-s); Ray "
                            "counts notified spot preemptions apart, without limit")
@@ -301,6 +305,8 @@ class TrainConfig(_Config):
                "at least one phase needs epochs > 0")
         _check(self.keep_checkpoints >= 1, "--keep-checkpoints",
                f"{self.keep_checkpoints}; must be >= 1")
+        _check(self.checkpoint_upload in UPLOAD_MODES, "--checkpoint-upload",
+               f"{self.checkpoint_upload!r}; choose one of {UPLOAD_MODES}")
         _check(self.max_failures >= -1, "--max-failures",
                f"{self.max_failures}; must be >= 0 (or -1 for unlimited)")
         for flag, level in (("--log-level", self.log_level),

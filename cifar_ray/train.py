@@ -11,6 +11,7 @@ runs.py, the Ray session cluster.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import logging
 import os
@@ -18,12 +19,14 @@ import posixpath
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
+from ray.train import CheckpointUploadMode
 from ray.train.torch import TorchTrainer
 
 from cifar_ray import (
@@ -85,7 +88,8 @@ def train_loop_per_worker(config: dict) -> None:
             loop = PhaseLoop(cfg, model, splits, rt, report)
             loop.run(resume)
         if rank == 0:
-            start.finished(final_report_seconds=loop.report_seconds)
+            start.finished(final_report_seconds=loop.report_seconds
+                           + report.final_wait_seconds)
             log.info(f"training done: {len(loop.history)} epochs recorded in "
                      f"{storage.display(cfg.run_uri())}")
 
@@ -138,58 +142,90 @@ def preemption_notice():
 
 class Reporter:
     """The PhaseLoop's report callback on a Ray Train worker. Every rank reports (report is a
-    barrier); rank 0 also writes the checkpoint (in phase 1: the head, referring to the
+    barrier); rank 0 also stores the checkpoint (in phase 1: the head, referring to the
     frozen backbone, stored once), then our own metrics.jsonl (Result.metrics keeps only the
-    last) and logs the epoch to TensorBoard (<run>/tb/) and MLflow. A mid-epoch report (a
-    preemption notice's; it has a "step") adds no metrics row."""
+    last) and the epoch's TensorBoard and MLflow entries. A mid-epoch report (a preemption
+    notice's; it has a "step") adds no metrics row.
+
+    With --checkpoint-upload async (the default) the report only copies the state
+    (checkpoint.snapshot) and hands it to Ray's upload thread (CheckpointUploadMode.ASYNC,
+    one thread: one upload at a time), which serialises, uploads and writes the metrics row
+    while the next epoch trains. The next report waits for that upload first, so at most one
+    snapshot waits in memory. An upload that fails (storage down past --storage-retry-s)
+    fails the worker as a synchronous one does: Ray raises it in the training thread, and
+    the run restarts from its newest complete checkpoint."""
 
     def __init__(self, cfg: TrainConfig, rank: int):
         self.cfg, self.run_uri, self.rank = cfg, cfg.run_uri(), rank
         self.backbone: dict | None = None  # phase 1's frozen backbone: where, its sha256
         self.board = tracking.TensorBoard(self.run_uri) if rank == 0 else None
         self.flow = tracking.mlflow_run(cfg, params=True) if rank == 0 else None
+        self.idle = threading.Event()  # set: no upload of ours in flight
+        self.idle.set()
+        self.final_wait_seconds = 0.0  # the wait for the last upload, at the end
 
     def __enter__(self) -> Reporter:
         return self
 
     def __exit__(self, *exc) -> None:
+        if exc[0] is None:  # training is done once its last checkpoint is stored
+            t0 = time.perf_counter()
+            self.idle.wait()
+            self.final_wait_seconds = time.perf_counter() - t0
         if self.board is not None:
             self.board.close()
         if self.flow is not None and exc[0] is None:
             self.flow.end()
 
     def __call__(self, metrics: dict, checkpoint_state) -> None:
+        self.idle.wait()  # the last upload first: one snapshot in memory at a time
         name = checkpoint.dir_name(metrics["phase"], metrics["epoch"], metrics.get("step", 0))
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = history = None
-            if self.rank == 0:
-                state = checkpoint_state()
-                if state["phase"] == 1:  # the head alone: the backbone is frozen, stored once
-                    self.backbone = self.backbone or checkpoint.frozen_backbone(
-                        self.cfg, state["model"])
-                    state = checkpoint.head_only(state, self.backbone)
-                checkpoint.write_dir(state, d)
-                ckpt = ray.train.Checkpoint.from_directory(d)
-                history = None if "step" in metrics else state["history"]
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=self.upload,
-                             checkpoint_dir_name=name)
-        if history is not None:  # after the checkpoint: a metrics row implies its checkpoint
-            runs.write_metrics(self.run_uri, history)
-            self.board.epoch(metrics)
-            if self.flow is not None:
-                self.flow.epoch(metrics)
+        ckpt = upload = None
+        if self.rank == 0:
+            state = checkpoint_state()
+            if state["phase"] == 1 and self.backbone is not None:
+                state = checkpoint.head_only(state, self.backbone)
+            history = None if "step" in metrics else state["history"]
+            # Filled and removed by `upload`; Ray's report wants the folder now.
+            ckpt = ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="cifar-ckpt-"))
+            upload = functools.partial(self.upload, checkpoint.snapshot(state), metrics,
+                                       history)
+            self.idle.clear()
+        overlap = self.cfg.checkpoint_upload == "async" and "step" not in metrics
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name,
+                         checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=False,
+                         checkpoint_upload_mode=(CheckpointUploadMode.ASYNC if overlap
+                                                 else CheckpointUploadMode.SYNC))
 
-    def upload(self, ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
-        """ray.train.report's upload, ours: Ray's does not retry (ray-project/ray#47939);
-        this retries each object through storage outages of up to --storage-retry-s and
-        writes the digest last, so Ray only registers a checkpoint whose every byte has
-        arrived."""
-        fs, run_folder = ray_internals.run_storage()
-        dest = posixpath.join(run_folder, dir_name)
-        with storage.retries(self.cfg.storage_retry_s):  # Ray may call this from its thread
-            checkpoint.upload_dir(ckpt.path, fs, dest,
-                                  local=isinstance(fs, pafs.LocalFileSystem))
-        return ray.train.Checkpoint(dest, fs)
+    def upload(self, state: dict, metrics: dict, history: list[dict] | None,
+               ckpt: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        """ray.train.report's upload, ours (Ray calls it in its upload thread, or in report
+        itself when synchronous): write the snapshot into the checkpoint's folder and copy
+        it to storage, retrying each object through outages of up to --storage-retry-s
+        (Ray's own upload does not retry, ray-project/ray#47939) with the digest last, so
+        Ray only registers a checkpoint whose every byte has arrived; then the metrics row.
+        Ray may call it again after a failure, so each call starts from the snapshot."""
+        try:
+            if state["phase"] == 1 and "model" in state:  # the run's first phase-1 checkpoint
+                self.backbone = self.backbone or checkpoint.frozen_backbone(
+                    self.cfg, state["model"])
+                state = checkpoint.head_only(state, self.backbone)
+            os.makedirs(ckpt.path, exist_ok=True)
+            checkpoint.write_dir(state, ckpt.path)
+            fs, run_folder = ray_internals.run_storage()
+            dest = posixpath.join(run_folder, dir_name)
+            with storage.retries(self.cfg.storage_retry_s):  # this thread's own window
+                checkpoint.upload_dir(ckpt.path, fs, dest,
+                                      local=isinstance(fs, pafs.LocalFileSystem))
+                if history is not None:  # after its checkpoint: a row implies its checkpoint
+                    runs.write_metrics(self.run_uri, history)
+                    self.board.epoch(metrics)
+                    if self.flow is not None:
+                        self.flow.epoch(metrics)
+            return ray.train.Checkpoint(dest, fs)
+        finally:
+            shutil.rmtree(ckpt.path, ignore_errors=True)
+            self.idle.set()
 
 
 # ---------------------------------------------------------------- on the driver

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from cifar_ray import data, devicecheck, engine, model, recipe, runs  # noqa: E402
+from cifar_ray import data, devicecheck, engine, model, recipe, runs, timeline  # noqa: E402
 from cifar_ray.config import PhaseConfig, PrepareConfig  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by device name.
@@ -149,45 +149,84 @@ def largest_batch(device: torch.device, size: int, start: int, limit: int) -> in
     return fits
 
 
-def ray_run(device: torch.device, tiny: bool, work: str, compile: bool = False) -> dict:
-    """jobs/train.py through a real TorchTrainer (1 worker, its GPU), checkpoints on disk.
-    Full size: the default recipe (10 + 10 epochs, batch 256, 32 px) on 49,000 synthetic
-    images, as many as CIFAR-10's train split less the validation carve-out."""
+def synthetic(work: str, tiny: bool) -> tuple[str, str]:
+    """(data dir, size name): 49,000 synthetic training images (CIFAR-10's train split less
+    the validation carve-out) at full size, 640 with --tiny; prepared once per check."""
     n, name = (640, "tiny") if tiny else (50000, "full")
     data_dir = os.path.join(work, f"data-{name}")
     if not os.path.exists(data_dir):
         data.prepare(PrepareConfig(source="synthetic", data=data_dir, dataset="synthetic",
                                    val_size=n // 5 if tiny else 1000, synthetic_size=n))
-    run = f"gpu-check-{name}{'-compiled' if compile else ''}"
-    cmd = [*common.job("train"), "--data", data_dir, "--dataset", "synthetic",
-           "--storage", os.path.join(work, "runs"),
-           "--name", run, "--workers", "1", "--weights", "none",
-           "--use-gpu" if device.type == "cuda" else "--no-use-gpu",
-           "--cpus-per-worker", "1" if tiny else "8", "--resource-timeout-s", "0"]
+    return data_dir, name
+
+
+def ray_job(device: torch.device, tiny: bool, work: str, script: str, run: str,
+            flags: list[str]) -> Path:
+    """jobs/<script>.py on the synthetic data, 1 worker on this device, storage on local
+    disk; returns the run (or sweep) folder once it has succeeded."""
+    data_dir, _ = synthetic(work, tiny)
+    cmd = [*common.job(script), "--data", data_dir, "--dataset", "synthetic",
+           "--storage", os.path.join(work, "runs"), "--name", run, "--workers", "1",
+           "--weights", "none", "--use-gpu" if device.type == "cuda" else "--no-use-gpu",
+           "--resource-timeout-s", "0", *flags]
     if tiny:
         cmd += ["--phase1-epochs", "1", "--phase2-epochs", "1", "--phase1-batch-size", "64",
                 "--phase2-batch-size", "64", "--phase2-warmup-epochs", "0"]
-    if compile:
-        cmd.append("--compile")
-    t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=common.REPO)
     folder = Path(work, "runs", run)
-    if done.returncode != 0 or not (folder / runs.RESULT).exists():
-        raise devicecheck.CheckFailed(f"jobs/train.py exited {done.returncode}:\n"
+    if done.returncode != 0:
+        raise devicecheck.CheckFailed(f"jobs/{script}.py exited {done.returncode}:\n"
                                       f"{done.stderr[-3000:]}")
+    return folder
+
+
+def ray_run(device: torch.device, tiny: bool, work: str, variant: str = "eager") -> dict:
+    """jobs/train.py through a real TorchTrainer (1 worker, its GPU), checkpoints on disk.
+    Full size: the default recipe (10 + 10 epochs, batch 256, 32 px) on 49,000 synthetic
+    images. Variants: eager (uploads overlap training, the default), sync
+    (--checkpoint-upload sync: training waits for each upload), compile (--compile)."""
+    flags = {"eager": [], "sync": ["--checkpoint-upload", "sync"],
+             "compile": ["--compile"]}[variant]
+    t0 = time.perf_counter()
+    folder = ray_job(device, tiny, work, "train",
+                     f"gpu-check-{synthetic(work, tiny)[1]}-{variant}",
+                     ["--cpus-per-worker", "1" if tiny else "8", *flags])
     summary = json.loads((folder / runs.RESULT).read_text())
     rows = [json.loads(line) for line in (folder / runs.METRICS).read_text().splitlines()]
 
     def phase(p: int) -> dict:
         mine = [r for r in rows if r["phase"] == p]
         return {"epochs": len(mine), "seconds": sum(r["seconds"] for r in mine),
-                "epoch_images_per_s": [round(r["images_per_s"]) for r in mine]}
+                "epoch_images_per_s": [round(r["images_per_s"]) for r in mine],
+                "blocked_s": [round(r["checkpoint_seconds"], 2) for r in mine]}
 
     return {"wall_s": time.perf_counter() - t0,
             "training_s": sum(r["seconds"] for r in rows),
             "phase1": phase(1), "phase2": phase(2),
             "evaluated_acc": summary["evaluated_acc"],
-            "best_checkpoint": summary["best_checkpoint"]}
+            "best_checkpoint": summary["best_checkpoint"],
+            "timeline": summary["timeline"], "timeline_line": timeline.line(summary["timeline"])}
+
+
+def ray_sweep(device: torch.device, tiny: bool, work: str) -> dict:
+    """jobs/tune.py: four trials of one worker each sharing this one GPU
+    (--gpus-per-worker 0.25), their shared phase 1 first; 2 + 3 epochs at full size."""
+    t0 = time.perf_counter()
+    flags = ["--gpus-per-worker", "0.25" if device.type == "cuda" else "1",
+             "--cpus-per-worker", "1" if tiny else "3", "--scheduler", "fifo",
+             "--lrs", "1e-5", "3e-5", "1e-4", "3e-4", "--max-concurrent-trials", "4"]
+    if not tiny:
+        flags += ["--phase1-epochs", "2", "--phase2-epochs", "3", "--phase2-warmup-epochs", "0"]
+    folder = ray_job(device, tiny, work, "tune", "gpu-check-sweep", flags)
+    best = json.loads((folder / "best.json").read_text())
+    trials = []
+    for path in sorted(folder.glob("*/timeline.json")):
+        trials.append({"trial": path.parent.name,
+                       "line": timeline.line(json.loads(path.read_text()))})
+    return {"wall_s": time.perf_counter() - t0, "best": {k: best.get(k) for k in
+            ("best_trial", "best_lr", "evaluated_acc", "val_acc") if k in best},
+            "timeline_line": timeline.line(best["timeline"]) if "timeline" in best else None,
+            "trials": trials}
 
 
 def main() -> int:
@@ -205,6 +244,9 @@ def main() -> int:
                          "--tiny: 16)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     ap.add_argument("--no-ray", action="store_true", help="skip the TorchTrainer runs")
+    ap.add_argument("--ray-only", action="store_true",
+                    help="only the Ray runs: the default run, a sweep of four trials on one "
+                         "GPU, --compile, then uploads that block training (sync)")
     ap.add_argument("--budget-s", type=float, default=330,
                     help="start nothing new after this many seconds: what is left is "
                          "reported as skipped (default 330: the whole check ends < 6 min)")
@@ -253,7 +295,7 @@ def main() -> int:
 
     print(f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     n = 64 if tiny else 512
-    for check, fn in devicecheck.CHECKS.items():
+    for check, fn in ({} if args.ray_only else devicecheck.CHECKS).items():
         report["checks"][check] = attempt(f"check: {check}", fn, device, n=n)
 
     compile_ok = not args.no_compile and not (tiny and device.type == "cpu")
@@ -277,25 +319,33 @@ def main() -> int:
     report["ray"] = ("skipped: " + ("--no-ray" if args.no_ray else "ray is not importable")
                      if not ray_ok else {})
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
+        if args.ray_only:
+            for key, fn, a in (("ray", ray_run, ()), ("ray_sweep", ray_sweep, ()),
+                               ("ray_compiled", ray_run, ("compile",)),
+                               ("ray_sync", ray_run, ("sync",))):
+                if ray_ok and (key != "ray_compiled" or compile_ok):
+                    report[key] = attempt(f"Ray: {key}", fn, device, tiny, work, *a)
+            sizes = []
         # Most telling first, so that a short budget cuts the least: the sizes the targets
         # name, the largest batch, the real TorchTrainer run, then the rest.
         for size in sizes[:2]:
             speed(size)
-        if compile_ok:  # --compile through recipe.PhaseLoop: both phases, CUDA graphs
+        # --compile through recipe.PhaseLoop: both phases, CUDA graphs
+        if compile_ok and not args.ray_only:
             report["checks"]["two_phases_compiled"] = attempt(
                 "check: two_phases, --compile", devicecheck.two_phases, device, n=n,
                 compile=True)
-        if device.type == "cuda" and not tiny:
+        if device.type == "cuda" and not tiny and not args.ray_only:
             report["largest_batch_224"] = attempt("224 px: largest batch", largest_batch,
                                                   device, 224, batch, 8192)
-        if ray_ok:
+        if ray_ok and not args.ray_only:
             report["ray"] = attempt("Ray: TorchTrainer via jobs/train.py", ray_run, device,
                                     tiny, work)
         for size in sizes[2:]:
             speed(size)
-        if ray_ok and compile_ok:
+        if ray_ok and compile_ok and not args.ray_only:
             report["ray_compiled"] = attempt("Ray: TorchTrainer via jobs/train.py --compile",
-                                             ray_run, device, tiny, work, compile=True)
+                                             ray_run, device, tiny, work, "compile")
 
     print()
     common.print_table("{:48} {:>7}  {}", ("check", "result", "detail"), rows)
@@ -316,12 +366,18 @@ def main() -> int:
                         "MFU eager", "MFU comp."), speed_rows)
     if "largest_batch_224" in report:
         print(f"largest per-GPU batch at 224 px: {report['largest_batch_224']}")
-    for key in ("ray", "ray_compiled"):
+    for key in ("ray", "ray_compiled", "ray_sync"):
         r = report.get(key)
         if isinstance(r, dict) and "training_s" in r:
             print(f"{key}: {r['phase1']['epochs']} + {r['phase2']['epochs']} epochs at 32 px: "
                   f"{r['training_s']:.1f} s training ({r['phase2']['seconds']:.1f} s "
-                  f"phase 2), {r['wall_s']:.0f} s wall")
+                  f"phase 2), {r['wall_s']:.0f} s wall\n  {r['timeline_line']}")
+    r = report.get("ray_sweep")
+    if isinstance(r, dict) and "trials" in r:
+        print(f"ray_sweep: {len(r['trials'])} trials on one device, {r['wall_s']:.0f} s wall; "
+              f"best {r['best']}\n  sweep: {r['timeline_line']}")
+        for t in r["trials"]:
+            print(f"  {t['trial']}: {t['line']}")
     save()
     print(f"wrote {args.out}; {failures} failed")
     return 1 if failures else 0
