@@ -67,19 +67,35 @@ def start_local_ray(lean: bool = True, **kwargs) -> None:
 
 def connect() -> bool:
     """Connect to the cluster named by RAY_ADDRESS (as `ray job submit` sets it) or a local
-    `ray start` instance; else start a private one. Returns True if we started it."""
+    `ray start` instance; else start a private one. Returns True if we started it. Either
+    way no AWS credential travels in a runtime env, which Ray logs in clear (check_secrets)."""
+    ray_internals.keep_secrets_out_of_trial_envs()
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return False
+    address = os.environ.get("RAY_ADDRESS") or "auto"
     try:
-        ray.init(address="auto", log_to_driver=True)
-        return False
+        ray.init(address=address, log_to_driver=True)
     except ConnectionError:
+        if address != "auto":
+            raise
         log.info("no Ray cluster found: starting a local instance")
         start_local_ray(log_to_driver=True)
         return True
+    check_secrets(ray.get_runtime_context().runtime_env.get("env_vars") or {})
+    return False
+
+
+def check_secrets(job_env: dict) -> None:
+    """A job submitted with AWS keys in its runtime env (`--runtime-env-json` env_vars) has
+    already had them written in clear to the runtime-env agent's log on the head node; stop
+    before every worker node's log gets them too."""
+    leaked = [k for k in ray_internals.AWS_SECRETS if k in job_env]
+    if leaked:
+        raise UserError(
+            f"{', '.join(leaked)} came in this job's runtime env, which Ray writes in clear "
+            "to runtime_env_agent.log on every node it reaches: give the nodes an instance "
+            "profile (cluster.yaml's IamInstanceProfile) or a credentials file "
+            "(~/.aws/credentials through file_mounts), and submit without them")
 
 
 def needed_resources(cfg: TrainConfig) -> dict[str, float]:

@@ -25,6 +25,9 @@ RayInternalsError naming it and this file.
 8. For the multi-node tests: raylet_pid(node) of a ray.cluster_utils.Cluster node.
 9. WorkerGroupStartupTimeoutError: the controller failure of a restart that found no room
    (train.fit_trainer turns it into our ResourceError).
+10. keep_secrets_out_of_trial_envs(): Tune copies the driver's AWS credentials into every
+   trial actor's runtime_env, which Ray's runtime-env agent writes in clear to its log; and
+   for the tests, session_dir(), where those logs are.
 """
 
 from __future__ import annotations
@@ -164,3 +167,24 @@ def raylet_pid(node) -> int:
         raise RayInternalsError(f"Ray {ray.__version__}: a cluster_utils node no longer lists "
                                 f"its raylet in all_processes ({e}); update "
                                 "cifar_ray/ray_internals.py") from e
+
+
+# 10. Tune (tune/execution/class_cache.py) copies AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+# AWS_SESSION_TOKEN and AWS_SECURITY_TOKEN from the driver's environment into every trial
+# actor's runtime_env; the runtime-env agent logs each runtime env it sets up, values and
+# all, in <session>/logs/runtime_env_agent.log (mode 0644).
+AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "AWS_SECURITY_TOKEN")
+
+
+def keep_secrets_out_of_trial_envs() -> None:
+    """Tune copies no AWS credential into a trial's runtime_env: a trial gets them the way
+    every other Ray worker does, from its raylet's environment (where cifar_ray started Ray
+    itself, the driver's own), or from the node's instance profile or credentials file."""
+    _private("ray.tune.execution.class_cache", "ENV_VARS_TO_PROPAGATE").difference_update(
+        AWS_SECRETS)
+
+
+def session_dir() -> str:
+    """The connected Ray instance's session folder (its logs are under logs/)."""
+    return _private("ray._private.worker", "_global_node").get_session_dir_path()

@@ -99,3 +99,19 @@ def test_a_private_ray_name_that_has_gone_says_what_to_update():
                        match=r"no ray\._private\.ray_constants\.GONE .*ray_internals\.py was "
                              r"written for Ray 2\.60: update it"):
         ray_internals._private("ray._private.ray_constants", "GONE")
+
+
+def test_aws_keys_in_a_jobs_runtime_env_are_refused_naming_the_safe_ways():
+    cluster.check_secrets({"AWS_REGION": "eu-west-1", "AWS_ENDPOINT_URL": "http://minio:9000"})
+    with pytest.raises(cluster.UserError, match=r"^AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY "
+                       r"came in this job's runtime env.*runtime_env_agent\.log.*instance "
+                       r"profile.*credentials file"):
+        cluster.check_secrets({"AWS_ACCESS_KEY_ID": "AKIA...", "AWS_SECRET_ACCESS_KEY": "s",
+                               "AWS_REGION": "eu-west-1"})
+
+
+def test_tune_copies_no_aws_credential_into_a_trials_runtime_env():
+    from ray.tune.execution import class_cache
+
+    ray_internals.keep_secrets_out_of_trial_envs()
+    assert not set(ray_internals.AWS_SECRETS) & class_cache.ENV_VARS_TO_PROPAGATE

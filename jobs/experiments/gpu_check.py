@@ -220,11 +220,11 @@ def ray_sweep(device: torch.device, tiny: bool, work: str) -> dict:
     folder = ray_job(device, tiny, work, "tune", "gpu-check-sweep", flags)
     best = json.loads((folder / "best.json").read_text())
     trials = []
-    for path in sorted(folder.glob("*/timeline.json")):
+    for path in sorted(folder.glob("trials/*/timeline.json")):
         trials.append({"trial": path.parent.name,
                        "line": timeline.line(json.loads(path.read_text()))})
     return {"wall_s": time.perf_counter() - t0, "best": {k: best.get(k) for k in
-            ("best_trial", "best_lr", "evaluated_acc", "val_acc") if k in best},
+            ("trial", "lr", "best_val_acc", "evaluated_acc")},
             "timeline_line": timeline.line(best["timeline"]) if "timeline" in best else None,
             "trials": trials}
 
