@@ -21,12 +21,14 @@ always holds the most important figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -128,10 +130,45 @@ def train_speed(device: torch.device, size: int, batch: int, steps: int, variant
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     first = run(warmup)
-    seconds = run(steps)
+    out = {"warmup_s": first}
+    for alongside in (False, True) if variant == "uploads" else (False,):
+        with checkpoint_writer(m, opt) if alongside else contextlib.nullcontext() as w:
+            seconds = run(steps)
+        key = "images_per_s_writing" if alongside else "images_per_s"
+        out[key] = batch * steps / seconds
+        if alongside:
+            out["checkpoints_written"] = w["written"]
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"images_per_s": batch * steps / seconds, "warmup_s": first,
-            "peak_memory_gib": peak / 2**30 if peak is not None else None}
+    return {**out, "peak_memory_gib": peak / 2**30 if peak is not None else None}
+
+
+@contextlib.contextmanager
+def checkpoint_writer(m: nn.Module, opt):
+    """A thread that writes and 'uploads' (a local copy, digest last) the snapshot of a
+    phase-2 checkpoint (weights + AdamW moments) over and over while the block trains: what
+    an overlapped upload asks of the training process, continuously."""
+    import pyarrow.fs as pafs
+
+    from cifar_ray import checkpoint
+
+    snap = checkpoint.snapshot({"model": m.state_dict(), "optimizer": opt.state_dict()})
+    stop, counts = threading.Event(), {"written": 0}
+
+    def loop() -> None:
+        with tempfile.TemporaryDirectory() as d:
+            src, dst = os.path.join(d, "src"), os.path.join(d, "dst")
+            os.makedirs(src)
+            while not stop.is_set():
+                checkpoint.write_dir(snap, src)
+                checkpoint.upload_dir(src, pafs.LocalFileSystem(), dst, local=True)
+                counts["written"] += 1
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        t.join()
 
 
 def largest_batch(device: torch.device, size: int, start: int, limit: int) -> int | None:
@@ -244,6 +281,9 @@ def main() -> int:
                          "--tiny: 16)")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     ap.add_argument("--no-ray", action="store_true", help="skip the TorchTrainer runs")
+    ap.add_argument("--uploads-only", action="store_true",
+                    help="only phase-2 steps at 32 px with and without a checkpoint being "
+                         "written alongside (what an overlapped upload costs the training)")
     ap.add_argument("--ray-only", action="store_true",
                     help="only the Ray runs: the default run, a sweep of four trials on one "
                          "GPU, --compile, then uploads that block training (sync)")
@@ -259,7 +299,7 @@ def main() -> int:
     tiny = args.tiny
     sizes = args.sizes or ([32] if tiny else [32, 224, 64, 128])
     batch = args.batch or (16 if tiny else 256)
-    steps = 2 if tiny else 50
+    steps = 2 if tiny else (300 if args.uploads_only else 50)
     deadline = time.monotonic() + args.budget_s
     name, peak = peak_flops(device)
     report = {"device": name, "bf16_peak_flops": peak, "torch": torch.__version__,
@@ -295,7 +335,8 @@ def main() -> int:
 
     print(f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     n = 64 if tiny else 512
-    for check, fn in ({} if args.ray_only else devicecheck.CHECKS).items():
+    for check, fn in ({} if args.ray_only or args.uploads_only
+                      else devicecheck.CHECKS).items():
         report["checks"][check] = attempt(f"check: {check}", fn, device, n=n)
 
     compile_ok = not args.no_compile and not (tiny and device.type == "cpu")
@@ -319,6 +360,10 @@ def main() -> int:
     report["ray"] = ("skipped: " + ("--no-ray" if args.no_ray else "ray is not importable")
                      if not ray_ok else {})
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
+        if args.uploads_only:
+            report["uploads"] = attempt("32 px: phase-2 training, writing alongside",
+                                        train_speed, device, 32, batch, steps, "uploads")
+            sizes = []
         if args.ray_only:
             for key, fn, a in (("ray", ray_run, ()), ("ray_sweep", ray_sweep, ()),
                                ("ray_compiled", ray_run, ("compile",)),
@@ -331,19 +376,19 @@ def main() -> int:
         for size in sizes[:2]:
             speed(size)
         # --compile through recipe.PhaseLoop: both phases, CUDA graphs
-        if compile_ok and not args.ray_only:
+        if compile_ok and not args.ray_only and not args.uploads_only:
             report["checks"]["two_phases_compiled"] = attempt(
                 "check: two_phases, --compile", devicecheck.two_phases, device, n=n,
                 compile=True)
-        if device.type == "cuda" and not tiny and not args.ray_only:
+        if device.type == "cuda" and not tiny and not args.ray_only and not args.uploads_only:
             report["largest_batch_224"] = attempt("224 px: largest batch", largest_batch,
                                                   device, 224, batch, 8192)
-        if ray_ok and not args.ray_only:
+        if ray_ok and not args.ray_only and not args.uploads_only:
             report["ray"] = attempt("Ray: TorchTrainer via jobs/train.py", ray_run, device,
                                     tiny, work)
         for size in sizes[2:]:
             speed(size)
-        if ray_ok and compile_ok and not args.ray_only:
+        if ray_ok and compile_ok and not args.ray_only and not args.uploads_only:
             report["ray_compiled"] = attempt("Ray: TorchTrainer via jobs/train.py --compile",
                                              ray_run, device, tiny, work, "compile")
 
@@ -372,6 +417,11 @@ def main() -> int:
             print(f"{key}: {r['phase1']['epochs']} + {r['phase2']['epochs']} epochs at 32 px: "
                   f"{r['training_s']:.1f} s training ({r['phase2']['seconds']:.1f} s "
                   f"phase 2), {r['wall_s']:.0f} s wall\n  {r['timeline_line']}")
+    r = report.get("uploads")
+    if isinstance(r, dict) and "images_per_s_writing" in r:
+        print(f"phase-2 steps at 32 px: {r['images_per_s']:.0f} img/s alone, "
+              f"{r['images_per_s_writing']:.0f} img/s with a checkpoint written alongside "
+              f"({r['checkpoints_written']} written)")
     r = report.get("ray_sweep")
     if isinstance(r, dict) and "trials" in r:
         print(f"ray_sweep: {len(r['trials'])} trials on one device, {r['wall_s']:.0f} s wall; "
