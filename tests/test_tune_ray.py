@@ -41,10 +41,12 @@ def _trial_rows(exp: str) -> dict[str, list[dict]]:
     return {n: runs.read_metrics(storage.join(trials, n)) for n in storage.list_dir(trials)}
 
 
-def test_asha_sweep_on_s3_runs_phase1_once_and_inspect_reads_it(s3_data, bucket, tmp_path,
-                                                                capsys):
+def test_asha_sweep_on_s3_runs_phase1_once_tracks_each_trial_in_mlflow_and_inspect_reads_it(
+        s3_data, bucket, tmp_path, mlflow_server, capsys):
     cfg = _sweep_cfg(s3_data, f"s3://{bucket}/sweeps", "sw", scheduler="asha", grace_period=1,
                      reduction_factor=2)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, mlflow_tracking_uri=mlflow_server["uri"]))
     best = tune.sweep(cfg)
     exp = f"s3://{bucket}/sweeps/sw"
     names = storage.list_dir(exp)
@@ -89,6 +91,21 @@ def test_asha_sweep_on_s3_runs_phase1_once_and_inspect_reads_it(s3_data, bucket,
             assert sum(trial_tl["seconds"].values()) == pytest.approx(
                 trial_tl["wall_seconds"], abs=0.1)
 
+    # MLflow: the sweep is one experiment (its name), with phase 1's run and a run per
+    # trial, each with its LR; the best trial's run has the test accuracy best.json has.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server["uri"])
+    mexp = client.get_experiment_by_name("sw")
+    found = {r.info.run_name: r for r in client.search_runs([mexp.experiment_id])}
+    trials = sorted(n for n in found if n.startswith("trial-"))
+    assert len(trials) == 3 and runs.PHASE1 in found, sorted(found)
+    assert sorted(found[n].data.params["phase2.lr"] for n in trials) == [
+        "0.0001", "0.001", "0.01"]
+    assert found[best["trial"]].data.metrics["test_acc"] == pytest.approx(
+        best["evaluated_acc"])
+    assert all(found[n].data.metrics["val_acc"] >= 0 for n in trials)
+
     # The same name again is refused without --resume.
     with pytest.raises(runs.ExperimentExistsError, match="--resume"):
         tune.sweep(cfg)
@@ -114,9 +131,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(s3_data, tmp_pa
     args = [sys.executable, str(REPO / "jobs" / "tune.py"), "--data", s3_data,
             "--dataset", "tiny", "--storage", str(storage_root), "--name", "kill",
             "--workers", "1", "--weights", "none", "--phase1-epochs", "1",
-            "--phase1-batch-size", "64", "--phase2-epochs", "2", "--phase2-batch-size", "64",
+            "--phase1-batch-size", "64", "--phase2-epochs", "1", "--phase2-batch-size", "64",
             "--phase2-optimizer", "sgd", "--phase2-momentum", "0",
-            "--lrs", "1e-4", "1e-3", "1e-2", "--scheduler", "fifo", "--max-concurrent-trials", "1"]
+            "--lrs", "1e-4", "1e-3", "--scheduler", "fifo", "--max-concurrent-trials", "1"]
     exp = str(storage_root / "kill")
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
@@ -127,7 +144,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(s3_data, tmp_pa
                                  (tmp_path / "driver.log").read_text()[-3000:])
         trials = os.path.join(exp, "trials")
         return (os.path.isdir(trials) and len(os.listdir(trials)) >= 2
-                and any(len([r for r in rows if r["phase"] == 2]) == 2
+                and any(len([r for r in rows if r["phase"] == 2]) == 1
                         for rows in _trial_rows(exp).values()))
 
     try:
@@ -138,16 +155,16 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(s3_data, tmp_pa
         driver.wait(timeout=60)
         log.close()
     before = {n: r for n, r in _trial_rows(exp).items()
-              if len([x for x in r if x["phase"] == 2]) == 2}
+              if len([x for x in r if x["phase"] == 2]) == 1}
     assert before
 
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=1200)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = _trial_rows(exp)
-    assert len(after) == 3
+    assert len(after) == 2
     for name, rows in before.items():
         assert after[name] == rows, f"finished trial {name} was rerun"
-    assert all(len([r for r in rows if r["phase"] == 2]) == 2 for rows in after.values())
+    assert all(len([r for r in rows if r["phase"] == 2]) == 1 for rows in after.values())
     assert len(runs.read_metrics(os.path.join(exp, "phase1"))) == 1  # still one phase 1
     assert (Path(exp) / "best.json").exists()
 
