@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
+import boto3
 import pytest
+from conftest import FAKE_KEY_ID, FAKE_SECRET
 from PIL import Image
 
-from cifar_ray import cluster, results, runs, storage, timeline, tune
+from cifar_ray import cluster, ray_internals, results, runs, storage, timeline, tune
 from cifar_ray.cli import main as cli
 from cifar_ray.config import PhaseConfig, SweepConfig, TrainConfig
 
@@ -119,6 +122,31 @@ def test_asha_sweep_on_s3_runs_phase1_once_tracks_each_trial_in_mlflow_and_inspe
         with Image.open(tmp_path / "plots" / f"{png}.png") as im:
             im.load()
             assert im.size == (800, 600), png
+
+
+    # Credentials: the fake keys are in this process's environment, as a user's exported
+    # keys would be; none of them is in any file of Ray's session folder (Tune copied them
+    # into every trial's runtime env, which Ray's runtime-env agent logs in clear) nor in
+    # any object of the sweep.
+    written = [(k, boto3.client("s3").get_object(Bucket=bucket, Key=k)["Body"].read())
+               for k in _keys(bucket, "sweeps/sw/")]
+    for root, _, files in os.walk(ray_internals.session_dir()):
+        for f in files:
+            path = os.path.join(root, f)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as fh:
+                    written.append((path, fh.read()))
+    assert len(written) > 50, "too few files for a real search"
+    assert any("runtime_env_agent" in name for name, _ in written)
+    for name, blob in written:
+        for secret in (FAKE_KEY_ID, FAKE_SECRET):
+            assert secret.encode() not in blob, f"{secret} found in {name}"
+
+
+def _keys(bucket: str, prefix: str) -> list[str]:
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                         Prefix=prefix)
+    return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
 
 
 def test_bad_sweeps_fail_before_any_trial(s3_data, tmp_path):
