@@ -218,10 +218,11 @@ class Reporter:
                 checkpoint.upload_dir(ckpt.path, fs, dest,
                                       local=isinstance(fs, pafs.LocalFileSystem))
                 if history is not None:  # after its checkpoint: a row implies its checkpoint
-                    runs.write_metrics(self.run_uri, history)
                     self.board.epoch(metrics)
                     if self.flow is not None:
                         self.flow.epoch(metrics)
+                    # Last: once the row is there, this upload's work is all done.
+                    runs.write_metrics(self.run_uri, history)
             return ray.train.Checkpoint(dest, fs)
         finally:
             shutil.rmtree(ckpt.path, ignore_errors=True)

@@ -231,7 +231,8 @@ def _rows(uri: str) -> list[dict]:
 def test_training_goes_on_while_a_checkpoint_upload_rides_out_a_storage_outage(
         s3_data, bucket, s3_proxy, capfd):
     """Every connection to the run's storage is reset from the moment the first epoch's row
-    is stored until rank 0 has trained two more epochs: the first phase-2 checkpoint's
+    is stored (the last write of that epoch's upload) until rank 0 has trained two more
+    epochs: the first phase-2 checkpoint's
     upload, overlapping the next epoch, retries through the outage while training goes on
     (with uploads that blocked training, no epoch could end while storage is down); once
     storage is back it lands, and the run finishes with every epoch once and no worker-group
