@@ -202,7 +202,10 @@ def launch_failure(status, since: float):
 def launch_failure_message(cfg: TrainConfig, failed, short_text: str) -> str:
     """One line: the node type, the autoscaler's own error, and what to change."""
     lines = [ln.strip() for ln in (failed.details or "").splitlines() if ln.strip()]
-    error = lines[-1] if lines else "no reason given"  # a traceback's last line is the error
+    # A traceback's last line is the error. Ray 2.60's autoscaler v2 often records none: it
+    # logs the cloud's error (capacity, quota) only in its own log on the head.
+    error = lines[-1] if lines else ("its status gives no reason; the cloud's error is in "
+                                     "/tmp/ray/session_latest/logs/monitor.log on the head")
     if len(error) > 300:
         error = error[:297] + "..."
     kind = failed.ray_node_type_name
@@ -211,8 +214,13 @@ def launch_failure_message(cfg: TrainConfig, failed, short_text: str) -> str:
     return (f"--workers {cfg.workers} cannot be placed ({short_text}): the autoscaler could "
             f"not launch {failed.count} {kind} node(s){instance}: {error}. Give {kind} another "
             "instance type or availability zone (cluster.yaml), raise the cloud quota for it, "
-            "or ask for fewer workers (--workers); `ray status -v` on the head shows the "
-            "autoscaler's failures.")
+            "or ask for fewer workers (--workers).")
+
+
+def autoscaler_reports(status) -> bool:
+    """Whether an autoscaler (v2) has reported its state to this cluster's GCS."""
+    version = getattr(getattr(status, "stats", None), "autoscaler_version", None)
+    return version not in (None, "", "0")
 
 
 def _autoscaler_status():
@@ -249,10 +257,14 @@ def wait_for_resources(cfg: TrainConfig) -> None:
             text = describe_shortfall(short)
             hint = (" (--use-gpu on a machine without GPUs? drop --use-gpu to train on CPU)"
                     if "GPU" in short else "")
+            status = _autoscaler_status()
             ceiling = max_cluster_resources()
-            if ceiling is None:
+            if ceiling is None and not autoscaler_reports(status):
                 raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}, and "
                                     f"no autoscaler can add nodes to this cluster{hint}.")
+            # An autoscaler whose config this node cannot read: its largest size is unknown,
+            # so only a failed launch or the timeout ends the wait.
+            ceiling = ceiling if ceiling is not None else {k: v for k, v in need.items()}
             beyond = {k: ceiling.get(k, 0.0) for k in short if ceiling.get(k, 0.0) < need[k]}
             if beyond:
                 most = ", ".join(f"{k}: {v:g}" for k, v in beyond.items())
@@ -264,7 +276,6 @@ def wait_for_resources(cfg: TrainConfig) -> None:
                 # public request_resources; cleared when the wait ends, below).
                 request_resources(bundles=[worker_bundle(cfg)] * cfg.workers)
                 requested = True
-            status = _autoscaler_status()
             activity = state = "autoscaler status unavailable"
             if status is not None:
                 failed = launch_failure(status, since=start_wall - 1)

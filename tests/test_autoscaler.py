@@ -16,8 +16,8 @@ check) are fast tests on Ray's own status dataclasses.
 from __future__ import annotations
 
 import json
-import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -29,10 +29,11 @@ from pathlib import Path
 import pytest
 from conftest import descendants, free_port, wait_until
 
-from cifar_ray import cluster, ray_internals
-from cifar_ray.config import PhaseConfig, TrainConfig
+from cifar_ray import cluster, ray_internals, storage
+from cifar_ray.config import TrainConfig
 
 RAY = str(Path(sys.executable).parent / "ray")
+REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
 
 
@@ -88,6 +89,8 @@ def test_a_launch_failure_stops_the_wait_only_when_nothing_else_can_bring_nodes(
                           "(InsufficientInstanceCapacity)")
     assert "another instance type or availability zone" in msg and "quota" in msg
     assert "--workers" in msg.split("quota")[1]
+    silent = _launch("gpu_1x", 1, 1000, "FAILED", "", failed_ts=1005)
+    assert "monitor.log" in cluster.launch_failure_message(cfg, silent, "GPU: need 2")
 
 
 def test_the_default_wait_covers_a_cold_gpu_node():
@@ -129,49 +132,51 @@ def _autoscaling_config(gcs_address: str) -> dict:
 
 @pytest.fixture(scope="module")
 def autoscaling(s3_server):
-    """The empty autoscaling cluster, this process connected to it as a job's driver is."""
-    import ray
-
+    """The empty autoscaling cluster (token auth on, every server on 127.0.0.1); yields the
+    environment a job's driver gets on its head (RAY_ADDRESS, the token, S3's endpoint)."""
     head_id = ray_internals.fake_head_node_id()
     # Short: Ray's unix socket paths live under it and must stay below ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="cra-", dir="/tmp")
     port, dash = free_port(), free_port()
     config = Path(temp_dir, "autoscaling.json")
     config.write_text(json.dumps(_autoscaling_config(f"127.0.0.1:{port}")))
-    ray_internals.single_machine()  # every server on 127.0.0.1, here and in what it starts
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: every server on 127.0.0.1 (docs/cluster.md).
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
            "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": head_id,
-           # Token auth, with the token Ray gives this user's local instances (the one
-           # this process connects with): ~/.ray/auth_token, created if missing.
            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": head_id, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "GLOO_SOCKET_IFNAME": "lo",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    if not (Path.home() / ".ray" / "auth_token").exists():
-        subprocess.check_call([RAY, "get-auth-token", "--generate"], env=env,
-                              stdout=subprocess.DEVNULL)
     log = open(os.path.join(temp_dir, "ray-start.log"), "w")
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--autoscaling-config={config}",
          "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0", "--num-gpus=0",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
          "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    driver_env = {k: v for k, v in env.items() if not k.startswith(("RAY_FAKE", "AUTOSCALER",
+                                                                    "RAY_CLOUD", "RAY_OVERR",
+                                                                    "RAY_enable"))}
+    driver_env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
 
-    def connected():
+    def up():
         if proc.poll() is not None:
             raise AssertionError("ray start exited:\n" +
                                  Path(temp_dir, "ray-start.log").read_text()[-3000:])
-        try:
-            ray.init(address=f"127.0.0.1:{port}")
-            return True
-        except ConnectionError:
-            return False
+        return "Ray runtime started" in Path(temp_dir, "ray-start.log").read_text()
+
+    def autoscaler_reports():  # from a driver of its own, as a job's sees the cluster
+        probe = ("import ray, sys; ray.init(); from cifar_ray import cluster, ray_internals; "
+                 "sys.exit(0 if cluster.autoscaler_reports(ray_internals.autoscaler_status()) "
+                 "else 1)")
+        return subprocess.run([sys.executable, "-c", probe], env=driver_env, cwd=REPO,
+                              capture_output=True, timeout=120).returncode == 0
 
     try:
-        wait_until(connected, 180, "the autoscaling head", interval=2)
-        yield ray
+        wait_until(up, 180, "the autoscaling head", interval=1)
+        wait_until(autoscaler_reports, 180, "the autoscaler's first report", interval=1)
+        yield driver_env
     finally:
-        ray.shutdown()
         started = descendants(proc.pid)  # the head's daemons and the autoscaler's nodes
         proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
         try:
@@ -179,55 +184,71 @@ def autoscaling(s3_server):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        # The autoscaler's nodes outlive the head (Ray's own AutoscalingCluster ends them
+        # with `ray stop --force`, every Ray process of the machine's user): ours, by pid.
+        for p in started:
+            try:
+                os.kill(p, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         try:
-            wait_until(lambda: not [p for p in started if os.path.exists(f"/proc/{p}")], 60,
-                       "the cluster's processes to exit")
+            wait_until(lambda: not _alive(started), 60, "the cluster's processes to exit")
         finally:
-            for p in started:  # whatever is left of ours, and only ours
-                if os.path.exists(f"/proc/{p}"):
-                    os.kill(p, signal.SIGKILL)
+            for p in _alive(started):  # whatever is left of ours, and only ours
+                os.kill(p, signal.SIGKILL)
             shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not _alive(started)
 
 
-def _cfg(s3_data: str, bucket: str, name: str, **kw) -> TrainConfig:
-    """One 2-CPU worker (a whole cpu_2x node), 1 + 1 tiny epochs."""
-    return TrainConfig(data=s3_data, dataset="tiny", storage=f"s3://{bucket}/runs", name=name,
-                       workers=1, cpus_per_worker=2, weights="none",
-                       phase1=PhaseConfig(epochs=1, lr=1e-3, batch_size=64),
-                       phase2=PhaseConfig(epochs=1, lr=1e-3, optimizer="sgd", batch_size=64),
-                       **kw)
+def _alive(pids: set[int]) -> list[int]:
+    """Those of `pids` still running (not zombies: a zombie is its parent's to reap)."""
+    out = []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+def _job(env: dict, s3_data: str, bucket: str, name: str, *flags: str):
+    """jobs/train.py as the driver of a job on the head: one 2-CPU worker (a whole cpu_2x
+    node), 1 + 1 tiny epochs. Returns (exit code, its log lines, seconds)."""
+    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--data", s3_data,
+           "--dataset", "tiny", "--storage", f"s3://{bucket}/runs", "--name", name,
+           "--workers", "1", "--cpus-per-worker", "2", "--weights", "none",
+           "--phase1-epochs", "1", "--phase1-batch-size", "64", "--phase2-epochs", "1",
+           "--phase2-batch-size", "64", "--phase2-optimizer", "sgd", *flags]
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    took = time.monotonic() - t0
+    lines = (done.stdout + done.stderr).splitlines()
+    return done.returncode, lines, took
 
 
 @pytest.mark.ray
-def test_a_cold_start_waits_says_what_is_launching_and_trains(autoscaling, s3_data, bucket,
-                                                               caplog):
-    from cifar_ray import train
-
-    assert autoscaling.cluster_resources().get("CPU", 0) == 0
-    t0 = time.monotonic()
-    with caplog.at_level(logging.INFO, logger="cifar_ray.cluster"):
-        summary = train.fit(_cfg(s3_data, bucket, "cold"))
-    took = time.monotonic() - t0
-    lines = [r.getMessage() for r in caplog.records if r.name == "cifar_ray.cluster"]
+def test_a_cold_start_waits_says_what_is_launching_and_trains(autoscaling, s3_data, bucket):
+    rc, lines, took = _job(autoscaling, s3_data, bucket, "cold")
+    ours = [ln for ln in lines if "autoscaler" in ln or "room" in ln]
     print("\n".join(lines), f"\nempty cluster -> run finished in {took:.1f} s")
-    waits = [ln for ln in lines if ln.startswith("waiting for the autoscaler")]
-    assert waits and all("CPU: need 2, cluster has 0" in ln for ln in waits), lines
-    assert any("cpu_2x" in ln for ln in waits), lines
-    assert any(ln.startswith("the cluster has room for --workers 1") for ln in lines), lines
-    assert summary["final_checkpoint"].endswith("/runs/cold/checkpoint-p2-e000"), summary
-    assert 0 <= summary["evaluated_acc"] <= 1
+    assert rc == 0, "\n".join(lines[-40:])
+    waits = [ln for ln in lines if "waiting for the autoscaler" in ln]
+    assert waits and all("CPU: need 2, cluster has 0" in ln for ln in waits), ours
+    assert any("cpu_2x" in ln for ln in waits), ours
+    assert any("the cluster has room for --workers 1" in ln for ln in lines), ours
+    result = json.loads(storage.read_bytes(f"s3://{bucket}/runs/cold/result.json"))
+    assert result["final_checkpoint"].endswith("/runs/cold/checkpoint-p2-e000"), result
 
 
 @pytest.mark.ray
 def test_a_node_type_that_cannot_launch_stops_the_wait_with_the_autoscalers_error(
         autoscaling, s3_data, bucket):
     # Only gpu_1x has GPUs: a --use-gpu job waits for that type alone.
-    cfg = _cfg(s3_data, bucket, "no-gpu-node", use_gpu=True)
-    t0 = time.monotonic()
-    with pytest.raises(cluster.ResourceError) as e:
-        cluster.wait_for_resources(cfg)
-    took = time.monotonic() - t0
-    print(f"\n{e.value}\nstopped after {took:.1f} s")
-    assert "the autoscaler could not launch 1 gpu_1x node(s)" in str(e.value)
-    assert "\n" not in str(e.value)
-    assert took < 120
+    rc, lines, took = _job(autoscaling, s3_data, bucket, "no-gpu-node", "--use-gpu")
+    errors = [ln for ln in lines if ln.startswith("cifar-ray train: error:")]
+    print("\n".join(lines), f"\nstopped after {took:.1f} s")
+    assert rc == 2 and len(errors) == 1, "\n".join(lines[-40:])
+    assert "the autoscaler could not launch 1 gpu_1x node(s)" in errors[0], errors
+    assert took < 180
