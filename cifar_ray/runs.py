@@ -31,9 +31,11 @@ the slowest rank where every rank does the work, else on rank 0; Unix times on r
                        eval_seconds           the epoch's validation
                        checkpoint_seconds     the time the training loop was blocked by the
                                               reports since the previous row of the same
-                                              worker-group start: the previous epoch's (writing
-                                              the checkpoint, ray.train.report, metrics.jsonl,
-                                              TensorBoard, MLflow) and any mid-epoch one; 0 in
+                                              worker-group start: the previous epoch's (copying
+                                              the state, waiting for the upload before it,
+                                              ray.train.report; with --checkpoint-upload sync
+                                              also the upload, metrics.jsonl, TensorBoard and
+                                              MLflow) and any mid-epoch one; 0 in
                                               a start's first row (a start's last report is in
                                               worker_starts.json)
                        finished_at            when the epoch ended, before its report
@@ -41,7 +43,7 @@ the slowest rank where every rank does the work, else on rank 0; Unix times on r
                        loop's start), data_load_seconds (this rank's data onto the device),
                        model_setup_seconds (the model, its weights and the checkpoint it
                        resumes from); at a clean end also final_report_seconds (the last
-                       report) and ended
+                       report, and the wait for its upload) and ended
   result.json          wall_seconds (from the job's start to Ray's shutdown) and timeline:
                        {"wall_seconds", "seconds": {part: s} in the order they happen,
                        adding up to the wall, "restarts": how many}; best.json the same for

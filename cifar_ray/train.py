@@ -206,15 +206,15 @@ class Reporter:
         Ray only registers a checkpoint whose every byte has arrived; then the metrics row.
         Ray may call it again after a failure, so each call starts from the snapshot."""
         try:
-            if state["phase"] == 1 and "model" in state:  # the run's first phase-1 checkpoint
-                self.backbone = self.backbone or checkpoint.frozen_backbone(
-                    self.cfg, state["model"])
-                state = checkpoint.head_only(state, self.backbone)
-            os.makedirs(ckpt.path, exist_ok=True)
-            checkpoint.write_dir(state, ckpt.path)
-            fs, run_folder = ray_internals.run_storage()
-            dest = posixpath.join(run_folder, dir_name)
             with storage.retries(self.cfg.storage_retry_s):  # this thread's own window
+                if state["phase"] == 1 and "model" in state:  # the first phase-1 checkpoint
+                    self.backbone = self.backbone or checkpoint.frozen_backbone(
+                        self.cfg, state["model"])
+                    state = checkpoint.head_only(state, self.backbone)
+                os.makedirs(ckpt.path, exist_ok=True)
+                checkpoint.write_dir(state, ckpt.path)
+                fs, run_folder = ray_internals.run_storage()
+                dest = posixpath.join(run_folder, dir_name)
                 checkpoint.upload_dir(ckpt.path, fs, dest,
                                       local=isinstance(fs, pafs.LocalFileSystem))
                 if history is not None:  # after its checkpoint: a row implies its checkpoint

@@ -4,9 +4,11 @@ the test tiers; `require` for outside resources.
     python -m pytest -q -m fast     # fast tier: no Ray, no S3 server, no browser, no shared data
     python -m pytest -q             # the whole suite
 
-Both servers are started by the tests that need them and stopped afterwards: nothing outlives
-the session. Ray is started once per module that needs it (two Ray instances on one machine
-confuse Train V2), after the S3 environment is set so that workers inherit it.
+The servers (S3, MLflow) are started by the first test that needs them, shared by the rest
+of the session and stopped at its end: nothing outlives the session. One local Ray instance at
+a time (two on one machine confuse Train V2): the one of `ray_local` is shared from module to
+module (RaySlot), started after the S3 and MLflow environment is set so that its workers
+inherit it.
 
 Tiers: every test is marked `fast` here unless it uses a fixture of HEAVY_FIXTURES (directly
 or through other fixtures) or carries the `ray` marker. A test that starts Ray, a server or a
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -25,6 +28,7 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,6 +41,10 @@ SHARED_TAR = Path(os.environ.get(
 # repository as their working directory.
 FAKE_KEY_ID = "AKIA" + "FAKEFORTESTS" + "0001"
 FAKE_SECRET = "/".join(("fake", "secret", "for", "cifar-ray", "tests", "0000000001"))
+# MLflow's, likewise: in MLflow's own variables, as a user sets them, in the environment of
+# the shared Ray instance (its workers log to MLflow) whether or not a test tracks a run.
+FAKE_MLFLOW_USER = "cifar-ray-test"
+FAKE_MLFLOW_PASSWORD = "-".join(("mlflow", "password", "CANARY", "7d1e"))
 # Ray Train's controller polls its workers every 2 s by default, so every run here noticed its
 # end (or a failure) a second late on average: tens of runs, tens of seconds. 0.5 s here, for
 # every Ray instance and job the tests start (Train passes it on to controller and workers).
@@ -56,7 +64,7 @@ HEAVY_FIXTURES = {
     "nodes": "a Ray cluster of several nodes (test_cluster_faults.py)",
     "head": "a `ray start --head` cluster and its jobs API (test_jobs_api.py)",
     "autoscaling": "a `ray start --head` autoscaling cluster (test_autoscaler.py)",
-    "mlflow_server": "an `mlflow server` (test_mlflow.py)",
+    "mlflow_server": "an `mlflow server` (test_train_ray.py, test_tune_ray.py)",
     "browser": "Chromium through ChromeDriver (test_report.py)",
     "shared_tar": "the real CIFAR-10 JPEG tar (SHARED_TAR)",
 }
@@ -319,8 +327,10 @@ def s3_data(s3_server):
 
 # The environment a Ray instance hands its workers when it starts (they inherit the
 # raylet's): a shared instance started with other values is restarted, so that a test that
-# sets, say, MLflow's credentials before Ray starts (test_mlflow.py) gets workers that have them.
-WORKER_ENV_PREFIXES = ("AWS_", "MLFLOW_")
+# sets, say, other credentials before Ray starts gets workers that have them. MLflow's
+# tracking variables only: the driver of a tracked run sets MLFLOW_HTTP_REQUEST_* for itself
+# (tracking.py; rank 0 does the same in its own process), which must not cost a restart.
+WORKER_ENV_PREFIXES = ("AWS_", "MLFLOW_TRACKING_")
 
 
 class RaySlot:
@@ -367,11 +377,61 @@ def pytest_runtest_setup(item):
 
 @pytest.fixture(scope="session")
 def _shared_ray(s3_server):
-    """RAY_SLOT, stopped at the end of the session before the S3 server is."""
+    """RAY_SLOT, stopped at the end of the session before the S3 server is. MLflow's fake
+    credentials are set for as long: every run on the shared instance has them, so that the
+    runs that track to MLflow (test_train_ray.py, test_tune_ray.py) can check that they go
+    nowhere, and no instance is restarted for them."""
+    creds = {"MLFLOW_TRACKING_USERNAME": FAKE_MLFLOW_USER,
+             "MLFLOW_TRACKING_PASSWORD": FAKE_MLFLOW_PASSWORD}
+    old = {k: os.environ.get(k) for k in creds}
+    os.environ.update(creds)
     try:
         yield RAY_SLOT
     finally:
         RAY_SLOT.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` (sqlite backend) on 127.0.0.1 for the rest of the session: {"uri",
+    "db"}. It does not ask for credentials; the fake ones are in the environment
+    (_shared_ray), so that the tests can check they go nowhere."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host",
+         "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError("mlflow server exited:\n" + (root / "server.log").read_text())
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(healthy, 300, "mlflow server to answer /health")
+        yield {"uri": uri, "db": root / "mlflow.db"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        log.close()
 
 
 @pytest.fixture

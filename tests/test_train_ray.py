@@ -23,6 +23,7 @@ import ray.train
 import yaml
 from conftest import (
     FAKE_KEY_ID,
+    FAKE_MLFLOW_PASSWORD,
     FAKE_SECRET,
     descendants,
     fit_in_thread,
@@ -90,9 +91,12 @@ def test_a_local_instance_starts_no_worker_ahead_and_reports_no_usage():
     assert not ray_internals.usage_stats_enabled()
 
 
-def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket, capfd,
-                                                                 caplog):
-    cfg = _cfg(s3_data, f"s3://{bucket}/runs", "r1")
+def test_run_on_s3_writes_checkpoints_metrics_weights_and_result_and_tracks_it_in_mlflow(
+        s3_data, bucket, mlflow_server, capfd, caplog):
+    # Plain SGD in phase 2: no optimizer state, so the smallest checkpoint to upload and scan.
+    cfg = _cfg(s3_data, f"s3://{bucket}/runs", "r1", mlflow_tracking_uri=mlflow_server["uri"],
+               phase2=PhaseConfig(epochs=1, lr=1e-3, optimizer="sgd", momentum=0.0,
+                                  batch_size=64, augment=True))
     # Sample every listening socket of our processes while the 2 gloo workers train.
     seen, done = set(), threading.Event()
 
@@ -157,13 +161,34 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
     # The stored config is the resolved one, and no credential leaked into anything written.
     assert json.loads(storage.read_bytes(f"s3://{bucket}/runs/r1/config.json"))["name"] == "r1"
     # Everything written is under --storage (runs/): no marker objects above it. And no
-    # credential in any object, checkpoints and weights included.
+    # credential (S3's or MLflow's, both in every process's environment) in any object,
+    # checkpoints and weights included.
     everything = _keys(bucket, "")
     assert all(k.startswith("runs/") for k in everything), everything
     s3 = boto3.client("s3")
     for key in everything:
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-        assert FAKE_SECRET.encode() not in body and FAKE_KEY_ID.encode() not in body, key
+        for secret in (FAKE_SECRET, FAKE_KEY_ID, FAKE_MLFLOW_PASSWORD):
+            assert secret.encode() not in body, (secret, key)
+
+    # MLflow: one run, named after ours and tagged with its folder, holding the resolved
+    # config as params, every epoch's metrics, the result, and no credential.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server["uri"])
+    exp = client.get_experiment_by_name("cifar_ray")
+    (run,) = client.search_runs([exp.experiment_id],
+                                f"tags.`cifar_ray.run` = '{storage.display(cfg.run_uri())}'")
+    assert run.info.run_name == "r1" and run.info.status == "FINISHED"
+    assert run.data.params["phase2.lr"] == "0.001" and run.data.params["workers"] == "2"
+    assert run.data.params["phase2.optimizer"] == "sgd"
+    history = client.get_metric_history(run.info.run_id, "val_acc")
+    assert sorted((m.step, m.value) for m in history) == [
+        (r["global_epoch"], pytest.approx(r["val_acc"])) for r in rows]
+    assert run.data.metrics["test_acc"] == pytest.approx(summary["evaluated_acc"])
+    assert run.data.tags["best_checkpoint"] == summary["best_checkpoint"]
+    assert FAKE_MLFLOW_PASSWORD.encode() not in mlflow_server["db"].read_bytes()
+    assert FAKE_MLFLOW_PASSWORD not in json.dumps(run.data.params)
 
     # What a person sees: our per-epoch lines once (rank 0), and none of Ray Train's per-report
     # INFO lines nor the preemption watcher's spurious ERROR (Ray forwards worker output
@@ -186,49 +211,21 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result(s3_data, bucket
 
 
 def _worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes (their title is ray::RayTrainWorker...)."""
+    """PIDs of this test's live Ray Train worker processes (ray::RayTrainWorker...): only
+    under this process, never another Ray instance's on the machine."""
     pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if (d / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                    pids.append(int(d.name))
-            except OSError:
-                continue
+    for pid in descendants(os.getpid()):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(pid)
+        except OSError:
+            continue
     return pids
-
-
-def _kill_a_worker_after_first_checkpoint(bucket: str, prefix: str) -> None:
-    wait_until(lambda: any(k.endswith("checkpoint_manager_snapshot.json")
-                           for k in _keys(bucket, prefix)), 600, "the first checkpoint")
-    pid = wait_until(_worker_pids, 120, "a RayTrainWorker process")[0]
-    os.kill(pid, signal.SIGKILL)
 
 
 def _rows(uri: str) -> list[dict]:
     return [json.loads(x) for x in storage.read_bytes(storage.join(uri, "metrics.jsonl"))
             .decode().splitlines()]
-
-
-def test_killed_worker_with_max_failures_resumes_from_its_checkpoint(s3_data, bucket):
-    cfg = _cfg(s3_data, f"s3://{bucket}/runs", "r2", max_failures=1,
-               phase2=PhaseConfig(epochs=3, lr=1e-3, optimizer="sgd", batch_size=64))
-    t, out = fit_in_thread(cfg)
-    _kill_a_worker_after_first_checkpoint(bucket, "runs/r2/")
-    t.join(timeout=1200)
-    assert not t.is_alive() and "error" not in out, out.get("error")
-    rows = _rows(cfg.run_uri())
-    assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1), (2, 2)]
-    restored = [i for i, r in enumerate(rows) if "restored_from" in r]
-    # Exactly one restart, which continued right after a stored checkpoint, not at epoch 0.
-    assert len(restored) == 1 and restored[0] >= 1
-    before = rows[restored[0] - 1]
-    assert rows[restored[0]]["restored_from"] == {"phase": before["phase"],
-                                                  "epoch": before["epoch"]}
-    assert out["summary"]["epochs"] == 4
-    # The timeline counts the restart and the time it lost.
-    tl = out["summary"]["timeline"]
-    assert tl["restarts"] == 1 and tl["seconds"]["restarts"] > 0
 
 
 def test_training_goes_on_while_a_checkpoint_upload_rides_out_a_storage_outage(
@@ -273,9 +270,14 @@ def test_training_goes_on_while_a_checkpoint_upload_rides_out_a_storage_outage(
     assert "retrying in" in text  # the outage did hit the upload
 
 
-def test_failed_run_resumes_by_name_and_refuses_a_changed_recipe(s3_data, tmp_path):
+def test_a_failed_run_resumes_by_name_and_a_killed_worker_restarts_it_from_its_checkpoint(
+        s3_data, tmp_path):
+    """A worker killed with no restart allowed fails the run; the same name and recipe
+    resumes it (a changed recipe is refused); in the resumed run, with a restart allowed, a
+    killed worker restarts the run by itself from its latest checkpoint. (One run for both
+    kinds of resume: a run costs tens of seconds here.)"""
     cfg = _cfg(s3_data, str(tmp_path / "runs"), "r3", max_failures=0,
-               phase2=PhaseConfig(epochs=2, lr=1e-3, optimizer="sgd", batch_size=64))
+               phase2=PhaseConfig(epochs=3, lr=1e-3, optimizer="sgd", batch_size=64))
     run = tmp_path / "runs" / "r3"
     t, out = fit_in_thread(cfg)
     wait_until(lambda: (run / "checkpoint_manager_snapshot.json").exists(), 600,
@@ -286,28 +288,45 @@ def test_failed_run_resumes_by_name_and_refuses_a_changed_recipe(s3_data, tmp_pa
     assert not (run / "result.json").exists()
 
     changed = _cfg(s3_data, str(tmp_path / "runs"), "r3", max_failures=0,
-                   phase2=PhaseConfig(epochs=2, lr=5e-3, optimizer="sgd", batch_size=64))
+                   phase2=PhaseConfig(epochs=3, lr=5e-3, optimizer="sgd", batch_size=64))
     with pytest.raises(runs.RunExistsError, match="different configuration.*phase2"):
         train.fit(changed)
 
-    summary = train.fit(cfg)  # same name, same recipe: resumes
+    # Same name, same recipe: resumes. --max-failures is not part of the recipe: one restart
+    # is allowed now, and a worker is killed once the resumed run has stored an epoch.
+    t, out = fit_in_thread(dataclasses.replace(cfg, max_failures=1))
+    wait_until(lambda: any("restored_from" in r for r in _rows(cfg.run_uri()))
+               or not t.is_alive(), 600, "the resumed run's first epoch")
+    os.kill(wait_until(_worker_pids, 120, "a RayTrainWorker process")[0], signal.SIGKILL)
+    t.join(timeout=1200)
+    assert not t.is_alive() and "error" not in out, out.get("error")
+    summary = out["summary"]
     rows = _rows(cfg.run_uri())
-    assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
-    assert sum("restored_from" in r for r in rows) == 1
-    # Its timeline counts the epochs this job trained, not those of the failed one before.
-    (i,) = [i for i, r in enumerate(rows) if "restored_from" in r]
+    assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1), (2, 2)]
+    restored = [i for i, r in enumerate(rows) if "restored_from" in r]
+    # Two restores, the resume by name and the killed worker's restart; the restart
+    # continued right after a stored checkpoint, not at epoch 0.
+    assert len(restored) == 2 and restored[0] >= 1
+    before = rows[restored[1] - 1]
+    assert rows[restored[1]]["restored_from"] == {"phase": before["phase"],
+                                                  "epoch": before["epoch"]}
+    # Its timeline counts the epochs this job trained, not those of the failed one before,
+    # and the restart with the time it lost.
     seconds = summary["timeline"]["seconds"]
     assert seconds["phase1_training"] + seconds["phase2_training"] == pytest.approx(
-        sum(r["train_seconds"] for r in rows[i:]), abs=0.02)
-    assert summary["timeline"]["restarts"] == 0
-    assert summary["epochs"] == 3 and (run / "result.json").exists()
+        sum(r["train_seconds"] for r in rows[restored[0]:]), abs=0.02)
+    assert summary["timeline"]["restarts"] == 1 and seconds["restarts"] > 0
+    assert summary["epochs"] == 4 and (run / "result.json").exists()
 
-    # Finished now: the same name is refused, unless --overwrite asks for a fresh run.
+    # Finished now: the same name is refused, unless --overwrite asks for a fresh run (one
+    # of a single phase-2 epoch: a finished run is replaced whatever its recipe).
     with pytest.raises(runs.RunExistsError, match="--overwrite"):
         train.fit(cfg)
-    train.fit(dataclasses.replace(cfg, overwrite=True))
+    train.fit(dataclasses.replace(cfg, overwrite=True, phase2=dataclasses.replace(
+        cfg.phase2, epochs=1)))
     rows = _rows(cfg.run_uri())
-    assert len(rows) == 3 and not any("restored_from" in r for r in rows)
+    assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0)]
+    assert not any("restored_from" in r for r in rows)
 
 
 def test_use_gpu_fails_at_once_unless_an_autoscaler_can_add_gpus(s3_data, tmp_path,

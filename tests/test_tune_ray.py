@@ -2,6 +2,8 @@
 `inspect` on what it stored.
 
     python -m pytest -q tests/test_tune_ray.py
+
+A sweep stopped, or its driver killed, and resumed: test_jobs_api.py (through the jobs API).
 """
 
 from __future__ import annotations
@@ -9,21 +11,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
+import boto3
 import pytest
-from conftest import wait_until
+from conftest import FAKE_KEY_ID, FAKE_SECRET
 from PIL import Image
 
-from cifar_ray import cluster, results, runs, storage, timeline, tune
+from cifar_ray import cluster, ray_internals, results, runs, storage, timeline, tune
 from cifar_ray.cli import main as cli
 from cifar_ray.config import PhaseConfig, SweepConfig, TrainConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _sweep_cfg(data_root: str, storage_root: str, name: str, **kw) -> SweepConfig:
@@ -41,10 +39,12 @@ def _trial_rows(exp: str) -> dict[str, list[dict]]:
     return {n: runs.read_metrics(storage.join(trials, n)) for n in storage.list_dir(trials)}
 
 
-def test_asha_sweep_on_s3_runs_phase1_once_and_inspect_reads_it(s3_data, bucket, tmp_path,
-                                                                capsys):
+def test_asha_sweep_on_s3_runs_phase1_once_tracks_each_trial_in_mlflow_and_inspect_reads_it(
+        s3_data, bucket, tmp_path, mlflow_server, capsys):
     cfg = _sweep_cfg(s3_data, f"s3://{bucket}/sweeps", "sw", scheduler="asha", grace_period=1,
                      reduction_factor=2)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, mlflow_tracking_uri=mlflow_server["uri"]))
     best = tune.sweep(cfg)
     exp = f"s3://{bucket}/sweeps/sw"
     names = storage.list_dir(exp)
@@ -89,6 +89,21 @@ def test_asha_sweep_on_s3_runs_phase1_once_and_inspect_reads_it(s3_data, bucket,
             assert sum(trial_tl["seconds"].values()) == pytest.approx(
                 trial_tl["wall_seconds"], abs=0.1)
 
+    # MLflow: the sweep is one experiment (its name), with phase 1's run and a run per
+    # trial, each with its LR; the best trial's run has the test accuracy best.json has.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server["uri"])
+    mexp = client.get_experiment_by_name("sw")
+    found = {r.info.run_name: r for r in client.search_runs([mexp.experiment_id])}
+    trials = sorted(n for n in found if n.startswith("trial-"))
+    assert len(trials) == 3 and runs.PHASE1 in found, sorted(found)
+    assert sorted(found[n].data.params["phase2.lr"] for n in trials) == [
+        "0.0001", "0.001", "0.01"]
+    assert found[best["trial"]].data.metrics["test_acc"] == pytest.approx(
+        best["evaluated_acc"])
+    assert all(found[n].data.metrics["val_acc"] >= 0 for n in trials)
+
     # The same name again is refused without --resume.
     with pytest.raises(runs.ExperimentExistsError, match="--resume"):
         tune.sweep(cfg)
@@ -109,47 +124,29 @@ def test_asha_sweep_on_s3_runs_phase1_once_and_inspect_reads_it(s3_data, bucket,
             assert im.size == (800, 600), png
 
 
-def test_killed_driver_resumes_without_rerunning_finished_trials(s3_data, tmp_path):
-    storage_root = tmp_path / "sweeps"
-    args = [sys.executable, str(REPO / "jobs" / "tune.py"), "--data", s3_data,
-            "--dataset", "tiny", "--storage", str(storage_root), "--name", "kill",
-            "--workers", "1", "--weights", "none", "--phase1-epochs", "1",
-            "--phase1-batch-size", "64", "--phase2-epochs", "2", "--phase2-batch-size", "64",
-            "--phase2-optimizer", "sgd", "--phase2-momentum", "0",
-            "--lrs", "1e-4", "1e-3", "1e-2", "--scheduler", "fifo", "--max-concurrent-trials", "1"]
-    exp = str(storage_root / "kill")
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    # Credentials: the fake keys are in this process's environment, as a user's exported
+    # keys would be; none of them is in any file of Ray's session folder (Tune copied them
+    # into every trial's runtime env, which Ray's runtime-env agent logs in clear) nor in
+    # any object of the sweep.
+    written = [(k, boto3.client("s3").get_object(Bucket=bucket, Key=k)["Body"].read())
+               for k in _keys(bucket, "sweeps/sw/")]
+    for root, _, files in os.walk(ray_internals.session_dir()):
+        for f in files:
+            path = os.path.join(root, f)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as fh:
+                    written.append((path, fh.read()))
+    assert len(written) > 50, "too few files for a real search"
+    assert any("runtime_env_agent" in name for name, _ in written)
+    for name, blob in written:
+        for secret in (FAKE_KEY_ID, FAKE_SECRET):
+            assert secret.encode() not in blob, f"{secret} found in {name}"
 
-    def one_done_and_next_started():
-        if driver.poll() is not None:
-            raise AssertionError("driver exited early:\n" +
-                                 (tmp_path / "driver.log").read_text()[-3000:])
-        trials = os.path.join(exp, "trials")
-        return (os.path.isdir(trials) and len(os.listdir(trials)) >= 2
-                and any(len([r for r in rows if r["phase"] == 2]) == 2
-                        for rows in _trial_rows(exp).values()))
 
-    try:
-        # Kill once one trial is complete and the next has started.
-        wait_until(one_done_and_next_started, 900, "one finished trial and a second started")
-    finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=60)
-        log.close()
-    before = {n: r for n, r in _trial_rows(exp).items()
-              if len([x for x in r if x["phase"] == 2]) == 2}
-    assert before
-
-    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=1200)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    after = _trial_rows(exp)
-    assert len(after) == 3
-    for name, rows in before.items():
-        assert after[name] == rows, f"finished trial {name} was rerun"
-    assert all(len([r for r in rows if r["phase"] == 2]) == 2 for rows in after.values())
-    assert len(runs.read_metrics(os.path.join(exp, "phase1"))) == 1  # still one phase 1
-    assert (Path(exp) / "best.json").exists()
+def _keys(bucket: str, prefix: str) -> list[str]:
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                         Prefix=prefix)
+    return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
 
 
 def test_bad_sweeps_fail_before_any_trial(s3_data, tmp_path):

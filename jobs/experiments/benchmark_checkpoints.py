@@ -82,11 +82,12 @@ class CountingProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
+            for s in (src, dst):  # the other direction's pump then stops too
                 try:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                s.close()
 
     def take(self) -> tuple[int, int]:
         """(sent, received) since the last take."""
