@@ -150,39 +150,161 @@ def max_cluster_resources() -> dict[str, float] | None:
     return None
 
 
+# A wait for the autoscaler polls every POLL_S and says what it waits for whenever that
+# changes, and at least every PROGRESS_EVERY_S (a cold GPU node takes minutes: docs/cluster.md).
+POLL_S = 2.0
+PROGRESS_EVERY_S = 30.0
+
+
+def worker_bundle(cfg: TrainConfig) -> dict[str, float]:
+    """One worker's resources, as Train's placement group asks for them."""
+    return {"CPU": float(cfg.cpus_per_worker),
+            **({"GPU": float(cfg.gpus_per_worker)} if cfg.use_gpu else {})}
+
+
+def autoscaler_activity(status, now: float | None = None,
+                        first_seen: dict[str, float] | None = None) -> str:
+    """What the autoscaler is launching (requested from the cloud) and what is starting (an
+    instance that has not joined Ray yet), by node type and count, from a ClusterStatus
+    (ray_internals.autoscaler_status). With `now` (wall-clock s), for how long: a launch
+    from its request time, a starting node from `first_seen` (instance id -> when this job
+    first saw it pending)."""
+    def since(ts: float | None) -> str:
+        return "" if now is None or ts is None else f" for {max(now - ts, 0):.0f} s"
+
+    parts = []
+    launching: dict[str, list] = {}
+    for r in status.pending_launches:
+        n, ts = launching.get(r.ray_node_type_name, (0, r.request_ts_s))
+        launching[r.ray_node_type_name] = [n + r.count, min(ts, r.request_ts_s)]
+    for kind, (n, ts) in sorted(launching.items()):
+        parts.append(f"launching {n} {kind}{since(ts)}")
+    starting: dict[str, list] = {}
+    for node in status.pending_nodes:
+        ts = None if now is None else (first_seen or {}).get(node.instance_id, now)
+        n, oldest = starting.get(node.ray_node_type_name, (0, ts))
+        starting[node.ray_node_type_name] = [n + 1, None if ts is None else min(oldest, ts)]
+    for kind, (n, ts) in sorted(starting.items()):
+        parts.append(f"{n} {kind} starting{since(ts)}")
+    return "; ".join(parts) or "nothing pending"
+
+
+def launch_failure(status, since: float):
+    """The newest launch the autoscaler reports failed at or after `since` (wall-clock s),
+    when it has nothing else pending or starting that could still bring the nodes (another
+    node type, a retry); else None."""
+    failed = [r for r in status.failed_launches if (r.failed_ts_s or r.request_ts_s) >= since]
+    if not failed or status.pending_launches or status.pending_nodes:
+        return None
+    return max(failed, key=lambda r: r.failed_ts_s or r.request_ts_s)
+
+
+def launch_failure_message(cfg: TrainConfig, failed, short_text: str) -> str:
+    """One line: the node type, the autoscaler's own error, and what to change."""
+    lines = [ln.strip() for ln in (failed.details or "").splitlines() if ln.strip()]
+    # A traceback's last line is the error. Ray 2.60's autoscaler v2 often records none: it
+    # logs the cloud's error (capacity, quota) only in its own log on the head.
+    error = lines[-1] if lines else ("its status gives no reason; the cloud's error is in "
+                                     "/tmp/ray/session_latest/logs/monitor.log on the head")
+    if len(error) > 300:
+        error = error[:297] + "..."
+    kind = failed.ray_node_type_name
+    instance = (f" ({failed.instance_type_name})"
+                if failed.instance_type_name and failed.instance_type_name != kind else "")
+    return (f"--workers {cfg.workers} cannot be placed ({short_text}): the autoscaler could "
+            f"not launch {failed.count} {kind} node(s){instance}: {error}. Give {kind} another "
+            "instance type or availability zone (cluster.yaml), raise the cloud quota for it, "
+            "or ask for fewer workers (--workers).")
+
+
+def autoscaler_reports(status) -> bool:
+    """Whether an autoscaler (v2) has reported its state to this cluster's GCS."""
+    version = getattr(getattr(status, "stats", None), "autoscaler_version", None)
+    return version not in (None, "", "0")
+
+
+def _autoscaler_status():
+    """The autoscaler's ClusterStatus, or None when it cannot be read (the wait then says
+    only what is missing)."""
+    try:
+        return ray_internals.autoscaler_status()
+    except Exception as e:  # a status line is not worth stopping a job for
+        log.debug(f"autoscaler status unavailable: {e}")
+        return None
+
+
 def wait_for_resources(cfg: TrainConfig) -> None:
     """Ray Train would wait forever for workers the cluster cannot place. Fail at once when
-    the cluster can never hold them (no autoscaler, or beyond its largest size); otherwise
-    wait --resource-timeout-s for the autoscaler to add nodes, then fail saying what is
-    missing."""
+    the cluster can never hold them (no autoscaler, or beyond its largest size) or when the
+    autoscaler reports it cannot launch them; otherwise ask the autoscaler for them and wait
+    --resource-timeout-s, saying what is pending, then fail saying what is missing."""
+    from ray.autoscaler.sdk import request_resources
+
     need = needed_resources(cfg)
-    deadline = time.monotonic() + cfg.resource_timeout_s
-    said = False
-    while True:
-        short = shortfall(cfg)
-        if not short:
-            return
-        text = describe_shortfall(short)
-        hint = (" (--use-gpu on a machine without GPUs? drop --use-gpu to train on CPU)"
-                if "GPU" in short else "")
-        ceiling = max_cluster_resources()
-        if ceiling is None:
-            raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}, and no "
-                                f"autoscaler can add nodes to this cluster{hint}.")
-        beyond = {k: ceiling.get(k, 0.0) for k in short if ceiling.get(k, 0.0) < need[k]}
-        if beyond:
-            most = ", ".join(f"{k}: {v:g}" for k, v in beyond.items())
-            raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}; even at "
-                                f"its largest the autoscaler gives {most}{hint}.")
-        if time.monotonic() >= deadline:
-            raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}{hint}. "
-                                f"Waited {cfg.resource_timeout_s:g} s for the autoscaler "
-                                "(--resource-timeout-s).")
-        if not said:
-            log.info(f"waiting up to {cfg.resource_timeout_s:g} s for the autoscaler to add "
-                     f"nodes ({text})")
-            said = True
-        time.sleep(2)
+    start, start_wall = time.monotonic(), time.time()
+    deadline = start + cfg.resource_timeout_s
+    requested = False
+    said, said_at = None, float("-inf")
+    first_seen: dict[str, float] = {}
+    try:
+        while True:
+            short = shortfall(cfg)
+            if not short:
+                if requested:
+                    log.info(f"the cluster has room for --workers {cfg.workers} after "
+                             f"{time.monotonic() - start:.0f} s")
+                return
+            text = describe_shortfall(short)
+            hint = (" (--use-gpu on a machine without GPUs? drop --use-gpu to train on CPU)"
+                    if "GPU" in short else "")
+            status = _autoscaler_status()
+            ceiling = max_cluster_resources()
+            if ceiling is None and not autoscaler_reports(status):
+                raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}, and "
+                                    f"no autoscaler can add nodes to this cluster{hint}.")
+            # An autoscaler whose config this node cannot read: its largest size is unknown,
+            # so only a failed launch or the timeout ends the wait.
+            ceiling = ceiling if ceiling is not None else {k: v for k, v in need.items()}
+            beyond = {k: ceiling.get(k, 0.0) for k in short if ceiling.get(k, 0.0) < need[k]}
+            if beyond:
+                most = ", ".join(f"{k}: {v:g}" for k, v in beyond.items())
+                raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}; even "
+                                    f"at its largest the autoscaler gives {most}{hint}.")
+            if not requested:
+                # The autoscaler launches nodes for demand it sees; Train's placement group
+                # comes only after this wait, so ask for the workers' bundles now (Ray's
+                # public request_resources; cleared when the wait ends, below).
+                request_resources(bundles=[worker_bundle(cfg)] * cfg.workers)
+                requested = True
+            activity = state = "autoscaler status unavailable"
+            if status is not None:
+                failed = launch_failure(status, since=start_wall - 1)
+                if failed is not None:
+                    raise ResourceError(launch_failure_message(cfg, failed, text))
+                for node in status.pending_nodes:
+                    first_seen.setdefault(node.instance_id, time.time())
+                activity = autoscaler_activity(status, time.time(), first_seen)
+                state = autoscaler_activity(status)
+            waited = time.monotonic() - start
+            if time.monotonic() >= deadline:
+                raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}{hint}. "
+                                    f"Waited {cfg.resource_timeout_s:g} s for the autoscaler "
+                                    f"(--resource-timeout-s); it reports: {activity}.")
+            if (text, state) != said or time.monotonic() - said_at >= PROGRESS_EVERY_S:
+                log.info(f"waiting for the autoscaler ({waited:.0f} s of "
+                         f"{cfg.resource_timeout_s:g} s, --resource-timeout-s): {text}; "
+                         f"autoscaler: {activity}")
+                said, said_at = (text, state), time.monotonic()
+            time.sleep(POLL_S)
+    finally:
+        if requested:
+            # Train's placement group (or nothing, if the job stops) is the demand from here:
+            # a request left in place would keep its nodes up after the job. Train places
+            # its workers within seconds, well inside any idle timeout.
+            try:
+                request_resources(bundles=[])
+            except Exception as e:  # never hide why the wait ended
+                log.warning(f"could not withdraw the request to the autoscaler: {e}")
 
 
 @contextlib.contextmanager

@@ -254,8 +254,10 @@ class TrainConfig(_Config):
                            "counts notified spot preemptions apart, without limit")
     storage_retry_s: float = _f(120.0, "seconds each storage read or write keeps retrying "
                                 "dropped connections before the attempt fails")
-    resource_timeout_s: float = _f(120.0, "seconds to wait for the cluster to offer the "
-                                   "requested workers (autoscaling) before failing")
+    resource_timeout_s: float = _f(900.0, "seconds to wait for an autoscaler to bring the "
+                                   "requested workers (a cold GPU node takes minutes: "
+                                   "docs/cluster.md) before failing; a cluster nothing can "
+                                   "grow fails at once")
     mlflow_tracking_uri: str | None = _f(None, "also track the run in MLflow there (pip "
                                          "install -e '.[mlflow]'); credentials from MLflow's "
                                          "own environment variables")

@@ -28,6 +28,13 @@ RayInternalsError naming it and this file.
 10. keep_secrets_out_of_trial_envs(): Tune copies the driver's AWS credentials into every
    trial actor's runtime_env, which Ray's runtime-env agent writes in clear to its log; and
    for the tests, session_dir(), where those logs are.
+11. autoscaler_status(): what the autoscaler has pending, launching and failed to launch
+   (autoscaler v2's get_cluster_status, the source of `ray status`; v2 is what `ray up` runs
+   since Ray 2.50, and KubeRay), and its dataclasses (ClusterStatus, LaunchRequest,
+   NodeInfo) for the tests that build one. For the autoscaling-cluster tests:
+   fake_multinode_provider(), the provider section that runs Ray's fake multi-node provider
+   (what ray.cluster_utils.AutoscalingCluster uses) from the installed wheel, and
+   fake_head_node_id(), the head's id that provider expects.
 """
 
 from __future__ import annotations
@@ -188,3 +195,37 @@ def keep_secrets_out_of_trial_envs() -> None:
 def session_dir() -> str:
     """The connected Ray instance's session folder (its logs are under logs/)."""
     return _private("ray._private.worker", "_global_node").get_session_dir_path()
+
+
+# 11. The autoscaler's view: ray.autoscaler.v2 is not in Ray's public API (`ray status` reads it).
+ClusterStatus = _private("ray.autoscaler.v2.schema", "ClusterStatus")
+LaunchRequest = _private("ray.autoscaler.v2.schema", "LaunchRequest")
+NodeInfo = _private("ray.autoscaler.v2.schema", "NodeInfo")
+
+
+def autoscaler_status():
+    """The connected cluster's ClusterStatus as autoscaler v2 reports it (pending_launches,
+    pending_nodes, failed_launches, ...). Under the classic autoscaler (v1, `ray up` with
+    RAY_UP_enable_autoscaler_v2=0) GCS has no autoscaling state, so its lists are empty."""
+    get = _private("ray.autoscaler.v2.sdk", "get_cluster_status")
+    return get(ray.get_runtime_context().gcs_address)
+
+
+def fake_multinode_provider(gcs_address: str) -> dict:
+    """The autoscaling config's `provider` for Ray's fake multi-node provider (each node a
+    raylet on this machine; the head started with RAY_FAKE_CLUSTER=1). Loaded as an
+    "external" provider: type "fake_multinode" makes the autoscaler read its defaults from
+    fake_multi_node/example.yaml, which Ray's wheel does not ship. Under autoscaler v2 the
+    provider is told the GCS address (v2 passes it on only to its read-only provider)."""
+    module = "ray.autoscaler._private.fake_multi_node.node_provider"
+    _private(module, "FakeMultiNodeProvider")
+    return {"type": "external", "module": f"{module}.FakeMultiNodeProvider",
+            "gcs_address": gcs_address, "head_node_id": fake_head_node_id(),
+            "launch_multiple": True, "use_node_id_as_ip": True,
+            "disable_node_updaters": True, "disable_launch_config_check": True}
+
+
+def fake_head_node_id() -> str:
+    """The head node id Ray's fake multi-node provider (RAY_FAKE_CLUSTER) expects."""
+    return _private("ray.autoscaler._private.fake_multi_node.node_provider",
+                    "FAKE_HEAD_NODE_ID")

@@ -63,6 +63,7 @@ HEAVY_FIXTURES = {
     "two_gpus": "a local Ray instance with logical GPUs (test_gpu_share.py)",
     "nodes": "a Ray cluster of several nodes (test_cluster_faults.py)",
     "head": "a `ray start --head` cluster and its jobs API (test_jobs_api.py)",
+    "autoscaling": "a `ray start --head` autoscaling cluster (test_autoscaler.py)",
     "mlflow_server": "an `mlflow server` (test_train_ray.py, test_tune_ray.py)",
     "browser": "Chromium through ChromeDriver (test_report.py)",
     "shared_tar": "the real CIFAR-10 JPEG tar (SHARED_TAR)",

@@ -1,0 +1,254 @@
+"""Cold starts on Ray's own autoscaling cluster: a head that trains nothing (0 CPUs), a worker
+type from 0 to 1 node, and Ray's fake multi-node provider (RAY_FAKE_CLUSTER: the autoscaler
+launches each node as a raylet on this machine), autoscaler v2 as `ray up` runs it since Ray
+2.50. The job waits, says what the autoscaler is launching, trains once the node has joined;
+a node type the provider fails to launch stops the wait at once with the autoscaler's error.
+
+    python -m pytest -q tests/test_autoscaler.py
+
+The head is `ray start --head --block` (what ray.cluster_utils.AutoscalingCluster runs, less
+its `ray stop --force`, which would stop every Ray instance on the machine, and its config
+template, which Ray's wheel does not ship); afterwards every process it started, the
+autoscaler's nodes included, is gone. The pure parts (the progress line, the launch-failure
+check) are fast tests on Ray's own status dataclasses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import descendants, free_port, wait_until
+
+from cifar_ray import cluster, ray_internals, storage
+from cifar_ray.config import TrainConfig
+
+RAY = str(Path(sys.executable).parent / "ray")
+REPO = Path(__file__).resolve().parents[1]
+MiB = 2**20
+
+
+def _status(**kw):
+    return ray_internals.ClusterStatus(**kw)
+
+
+def _launch(kind: str, count: int, ts: float, state: str = "PENDING", details=None,
+            failed_ts=None):
+    return ray_internals.LaunchRequest(
+        instance_type_name="g5.xlarge", ray_node_type_name=kind, count=count,
+        state=ray_internals.LaunchRequest.Status[state], request_ts_s=int(ts),
+        failed_ts_s=failed_ts, details=details)
+
+
+def _node(kind: str, instance_id: str):
+    return ray_internals.NodeInfo(instance_type_name="g5.xlarge", ray_node_type_name=kind,
+                                  instance_id=instance_id, ip_address="",
+                                  details="RAY_INSTALLING")
+
+
+def test_the_progress_line_names_node_types_counts_and_for_how_long():
+    status = _status(pending_launches=[_launch("gpu_1x", 2, 1000), _launch("gpu_1x", 1, 1030)],
+                     pending_nodes=[_node("gpu_4x", "i-1"), _node("gpu_4x", "i-2")])
+    assert (cluster.autoscaler_activity(status, 1100.0, {"i-1": 1040.0, "i-2": 1090.0}) ==
+            "launching 3 gpu_1x for 100 s; 2 gpu_4x starting for 60 s")
+    assert (cluster.autoscaler_activity(status) ==
+            "launching 3 gpu_1x; 2 gpu_4x starting")
+    assert cluster.autoscaler_activity(_status()) == "nothing pending"
+
+
+def test_a_launch_failure_stops_the_wait_only_when_nothing_else_can_bring_nodes():
+    error = ("Traceback (most recent call last):\n  ...\nbotocore.exceptions.ClientError: An "
+             "error occurred (InsufficientInstanceCapacity) when calling the RunInstances "
+             "operation: We currently do not have sufficient g5.xlarge capacity.")
+    failed = _launch("gpu_1x", 1, 1000, "FAILED", error, failed_ts=1005)
+    assert cluster.launch_failure(_status(failed_launches=[failed]), since=990) is failed
+    # Before this job's wait began: another job's, not ours.
+    assert cluster.launch_failure(_status(failed_launches=[failed]), since=1010) is None
+    # The autoscaler is trying something else (another type, a retry): keep waiting.
+    assert cluster.launch_failure(_status(failed_launches=[failed],
+                                          pending_launches=[_launch("gpu_4x", 1, 1006)]),
+                                  since=990) is None
+    assert cluster.launch_failure(_status(failed_launches=[failed],
+                                          pending_nodes=[_node("gpu_4x", "i-3")]),
+                                  since=990) is None
+    cfg = TrainConfig(workers=2, use_gpu=True, weights="none")
+    msg = cluster.launch_failure_message(cfg, failed, "GPU: need 2, cluster has 0")
+    assert "\n" not in msg
+    assert msg.startswith("--workers 2 cannot be placed (GPU: need 2, cluster has 0): the "
+                          "autoscaler could not launch 1 gpu_1x node(s) (g5.xlarge): "
+                          "botocore.exceptions.ClientError: An error occurred "
+                          "(InsufficientInstanceCapacity)")
+    assert "another instance type or availability zone" in msg and "quota" in msg
+    assert "--workers" in msg.split("quota")[1]
+    silent = _launch("gpu_1x", 1, 1000, "FAILED", "", failed_ts=1005)
+    assert "monitor.log" in cluster.launch_failure_message(cfg, silent, "GPU: need 2")
+
+
+def test_the_default_wait_covers_a_cold_gpu_node():
+    assert TrainConfig().resource_timeout_s >= 600
+
+
+# --- on a real autoscaling cluster ------------------------------------------------------
+
+# Node types shaped like cluster.yaml's: a head with no CPU for training, worker types that
+# scale from 0. `cpu_2x` is the training node. `gpu_1x` (one logical GPU) asks for an object
+# store below Ray's minimum (75 MiB), so the fake provider's node creation raises, as a
+# cloud's RunInstances does on a capacity or quota error, and the autoscaler records a failed
+# launch: the only way to real GPU nodes on this cluster fails.
+NODE_TYPES = {
+    "cpu_2x": {"resources": {"CPU": 2, "object_store_memory": 200 * MiB}, "node_config": {},
+               "min_workers": 0, "max_workers": 1},
+    "gpu_1x": {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": MiB},
+               "node_config": {}, "min_workers": 0, "max_workers": 1},
+}
+
+
+def _autoscaling_config(gcs_address: str) -> dict:
+    """ray.cluster_utils.AutoscalingCluster's config for autoscaler v2, its template
+    (fake_multi_node/example.yaml, which Ray's wheel leaves out) inlined."""
+    return {
+        "cluster_name": "cifar-ray-autoscaling", "max_workers": 2,
+        "provider": ray_internals.fake_multinode_provider(gcs_address),
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            **NODE_TYPES},
+        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0,
+        # Long enough for Train to place its workers after the wait; short for a test.
+        "idle_timeout_minutes": 0.5, "docker": {}, "initialization_commands": [],
+        "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {},
+        "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": []}
+
+
+@pytest.fixture(scope="module")
+def autoscaling(s3_server):
+    """The empty autoscaling cluster (token auth on, every server on 127.0.0.1); yields the
+    environment a job's driver gets on its head (RAY_ADDRESS, the token, S3's endpoint)."""
+    head_id = ray_internals.fake_head_node_id()
+    # Short: Ray's unix socket paths live under it and must stay below ~107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="cra-", dir="/tmp")
+    port, dash = free_port(), free_port()
+    config = Path(temp_dir, "autoscaling.json")
+    config.write_text(json.dumps(_autoscaling_config(f"127.0.0.1:{port}")))
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: every server on 127.0.0.1 (docs/cluster.md).
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+           "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": head_id,
+           "RAY_OVERRIDE_NODE_ID_FOR_TESTING": head_id, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "GLOO_SOCKET_IFNAME": "lo",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(os.path.join(temp_dir, "ray-start.log"), "w")
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--autoscaling-config={config}",
+         "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0", "--num-gpus=0",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    driver_env = {k: v for k, v in env.items() if not k.startswith(("RAY_FAKE", "AUTOSCALER",
+                                                                    "RAY_CLOUD", "RAY_OVERR",
+                                                                    "RAY_enable"))}
+    driver_env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+
+    def up():
+        if proc.poll() is not None:
+            raise AssertionError("ray start exited:\n" +
+                                 Path(temp_dir, "ray-start.log").read_text()[-3000:])
+        return "Ray runtime started" in Path(temp_dir, "ray-start.log").read_text()
+
+    def autoscaler_reports():  # from a driver of its own, as a job's sees the cluster
+        probe = ("import ray, sys; ray.init(); from cifar_ray import cluster, ray_internals; "
+                 "sys.exit(0 if cluster.autoscaler_reports(ray_internals.autoscaler_status()) "
+                 "else 1)")
+        return subprocess.run([sys.executable, "-c", probe], env=driver_env, cwd=REPO,
+                              capture_output=True, timeout=120).returncode == 0
+
+    try:
+        wait_until(up, 180, "the autoscaling head", interval=1)
+        wait_until(autoscaler_reports, 180, "the autoscaler's first report", interval=1)
+        yield driver_env
+    finally:
+        started = descendants(proc.pid)  # the head's daemons and the autoscaler's nodes
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        # The autoscaler's nodes outlive the head (Ray's own AutoscalingCluster ends them
+        # with `ray stop --force`, every Ray process of the machine's user): ours, by pid.
+        for p in started:
+            try:
+                os.kill(p, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        try:
+            wait_until(lambda: not _alive(started), 60, "the cluster's processes to exit")
+        finally:
+            for p in _alive(started):  # whatever is left of ours, and only ours
+                os.kill(p, signal.SIGKILL)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not _alive(started)
+
+
+def _alive(pids: set[int]) -> list[int]:
+    """Those of `pids` still running (not zombies: a zombie is its parent's to reap)."""
+    out = []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+def _job(env: dict, s3_data: str, bucket: str, name: str, *flags: str):
+    """jobs/train.py as the driver of a job on the head: one 2-CPU worker (a whole cpu_2x
+    node), 1 + 1 tiny epochs. Returns (exit code, its log lines, seconds)."""
+    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--data", s3_data,
+           "--dataset", "tiny", "--storage", f"s3://{bucket}/runs", "--name", name,
+           "--workers", "1", "--cpus-per-worker", "2", "--weights", "none",
+           "--phase1-epochs", "1", "--phase1-batch-size", "64", "--phase2-epochs", "1",
+           "--phase2-batch-size", "64", "--phase2-optimizer", "sgd", *flags]
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    took = time.monotonic() - t0
+    lines = (done.stdout + done.stderr).splitlines()
+    return done.returncode, lines, took
+
+
+@pytest.mark.ray
+def test_a_cold_start_waits_says_what_is_launching_and_trains(autoscaling, s3_data, bucket):
+    rc, lines, took = _job(autoscaling, s3_data, bucket, "cold")
+    ours = [ln for ln in lines if "autoscaler" in ln or "room" in ln]
+    print("\n".join(lines), f"\nempty cluster -> run finished in {took:.1f} s")
+    assert rc == 0, "\n".join(lines[-40:])
+    waits = [ln for ln in lines if "waiting for the autoscaler" in ln]
+    assert waits and all("CPU: need 2, cluster has 0" in ln for ln in waits), ours
+    assert any("cpu_2x" in ln for ln in waits), ours
+    assert any("the cluster has room for --workers 1" in ln for ln in lines), ours
+    result = json.loads(storage.read_bytes(f"s3://{bucket}/runs/cold/result.json"))
+    assert result["final_checkpoint"].endswith("/runs/cold/checkpoint-p2-e000"), result
+
+
+@pytest.mark.ray
+def test_a_node_type_that_cannot_launch_stops_the_wait_with_the_autoscalers_error(
+        autoscaling, s3_data, bucket):
+    # Only gpu_1x has GPUs: a --use-gpu job waits for that type alone.
+    rc, lines, took = _job(autoscaling, s3_data, bucket, "no-gpu-node", "--use-gpu")
+    errors = [ln for ln in lines if ln.startswith("cifar-ray train: error:")]
+    print("\n".join(lines), f"\nstopped after {took:.1f} s")
+    assert rc == 2 and len(errors) == 1, "\n".join(lines[-40:])
+    assert "the autoscaler could not launch 1 gpu_1x node(s)" in errors[0], errors
+    assert took < 180
