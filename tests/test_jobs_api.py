@@ -173,31 +173,19 @@ def _all_objects(bucket: str) -> dict[str, bytes]:
             for p in pages for o in p.get("Contents", [])}
 
 
-def _runs_tune_py(pid: int) -> bool:
-    """Whether the process runs jobs/tune.py (a job's driver, or the shell that started it)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"jobs/tune.py" in f.read()
-    except OSError:
-        return False
-
-
 def _keys(bucket: str) -> set[str]:
     pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return {o["Key"] for p in pages for o in p.get("Contents", [])}
 
 
-def test_a_sweep_stopped_or_its_driver_killed_and_submitted_again_with_resume_lands_in_s3(
-        head, workdir, bucket, capsys):
+def test_a_sweep_stopped_and_submitted_again_with_resume_lands_in_s3(head, workdir, bucket,
+                                                                     capsys):
     """A sweep through the jobs API, one trial at a time, stopped with `ray job stop` in the
     middle of its first trial, then the same `ray job submit` with --resume: phase 1 is not
     run again, the interrupted trial resumes from its own latest checkpoint and the other
-    trial runs. That job's driver is killed (SIGKILL, by pid) once the first trial has
-    finished and the other has started, and the same submission once more finishes the sweep
-    without running the finished trial again. Everything lands in the bucket under the
-    configured prefixes, and nothing secret or public is left behind. (One sweep for all of
-    it: a sweep through the jobs API takes minutes here. --smoke's own settings and data:
-    test_config.py.)"""
+    trial runs; everything lands in the bucket under the configured prefixes, and nothing
+    secret or public is left behind. (One sweep for all of it: a sweep through the jobs API
+    takes minutes here. --smoke's own settings and data: test_config.py.)"""
     lrs = ["1e-3", "1e-2"]
     data.prepare(PrepareConfig(source="synthetic", data=f"s3://{bucket}/datasets",
                                dataset="tiny", val_size=64, synthetic_size=320))
@@ -233,34 +221,13 @@ def test_a_sweep_stopped_or_its_driver_killed_and_submitted_again_with_resume_la
     assert len(before) == 1 and len(next(iter(before.values()))) < 4, before
     assert "sweeps/team-a/e2e/best.json" not in _keys(bucket)
 
-    stopped = next(iter(before))
-    submitted = time.monotonic()
-    second = head.submit(workdir, *args, "--resume")
-    # The stopped trial finished, the other started: the driver dies, as with its node.
-    wait_until(lambda: sample() or (len(trial_rows()) == 2
-                                    and len(trial_rows()[stopped]) == 4)
-               or head.client.get_job_status(second).is_terminal(), 900,
-               "the stopped trial finished and the other started", interval=1)
-    with capsys.disabled():  # a figure for the fault table (pytest -s shows it)
-        print(f"FAULT sweep stopped: the stopped trial finished "
-              f"{time.monotonic() - submitted:.1f} s after the resubmission")
-    drivers = [p for p in descendants(head.proc.pid) if _runs_tune_py(p)]
-    assert drivers, head.client.get_job_logs(second)[-3000:]
-    for pid in drivers:
-        os.kill(pid, signal.SIGKILL)
-    assert head.wait(second, 300, on_poll=sample) == JobStatus.FAILED
-    killed = trial_rows()
-    finished = {n: r for n, r in killed.items() if len(r) == 4}
-    assert stopped in finished and len(killed) == 2, killed
-    assert "sweeps/team-a/e2e/best.json" not in _keys(bucket)
-
     submitted = time.monotonic()
     job = head.submit(workdir, *args, "--resume")
     status = head.wait(job, 1200, on_poll=sample)
     logs = head.client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    with capsys.disabled():
-        print(f"FAULT sweep driver killed: the resubmitted sweep finished "
+    with capsys.disabled():  # a figure for README's fault table (pytest -s shows it)
+        print(f"FAULT sweep stopped: the resubmitted sweep finished "
               f"{time.monotonic() - submitted:.1f} s after its submission")
     assert "best trial trial-" in logs
     assert "phase 1: already done" in logs, logs[-3000:]
@@ -268,10 +235,8 @@ def test_a_sweep_stopped_or_its_driver_killed_and_submitted_again_with_resume_la
     assert len(after) == len(lrs)
     for name, rows in after.items():
         assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1), (2, 2)], name
-    # The trial that had finished before the kill was not run again.
-    for name, rows in finished.items():
-        assert after[name] == rows, f"finished trial {name} was rerun"
     # Every trial starts from phase 1's checkpoint; the stopped one once more, from its own.
+    stopped = next(iter(before))
     restored = [r["restored_from"] for r in after[stopped] if "restored_from" in r]
     assert len(restored) == 2 and (restored[1]["phase"], restored[1]["epoch"]) >= (2, 0)
     assert len(runs.read_metrics(storage.join(exp, "phase1"))) == 1
@@ -304,8 +269,7 @@ def test_a_sweep_stopped_or_its_driver_killed_and_submitted_again_with_resume_la
 
     # Security: with recognisable fake keys in the cluster's environment, no key appears in
     # anything written (objects incl. checkpoints, Ray's session logs, the job's logs).
-    written = list(objects.items()) + [(f"job logs {j}", head.client.get_job_logs(j).encode())
-                                       for j in (first, second, job)]
+    written = list(objects.items()) + [("job logs", logs.encode())]
     for root, _, files in os.walk(head.temp_dir):
         for f in files:
             path = os.path.join(root, f)
