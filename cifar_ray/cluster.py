@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import ray
 
 from cifar_ray import ray_internals
-from cifar_ray.config import TrainConfig
+from cifar_ray.config import TrainConfig, show_workers
 from cifar_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,11 @@ def check_secrets(job_env: dict) -> None:
 
 
 def needed_resources(cfg: TrainConfig) -> dict[str, float]:
-    need = {"CPU": float(cfg.workers * cfg.cpus_per_worker)}
+    """What the run needs to start: its workers' resources (an elastic run's fewest)."""
+    n = cfg.fewest_workers()
+    need = {"CPU": float(n * cfg.cpus_per_worker)}
     if cfg.use_gpu:
-        need["GPU"] = cfg.workers * cfg.gpus_per_worker
+        need["GPU"] = n * cfg.gpus_per_worker
     return need
 
 
@@ -211,10 +213,15 @@ def launch_failure_message(cfg: TrainConfig, failed, short_text: str) -> str:
     kind = failed.ray_node_type_name
     instance = (f" ({failed.instance_type_name})"
                 if failed.instance_type_name and failed.instance_type_name != kind else "")
-    return (f"--workers {cfg.workers} cannot be placed ({short_text}): the autoscaler could "
+    return (f"--workers {show_workers(cfg)} cannot be placed ({short_text}): the autoscaler could "
             f"not launch {failed.count} {kind} node(s){instance}: {error}. Give {kind} another "
             "instance type or availability zone (cluster.yaml), raise the cloud quota for it, "
             "or ask for fewer workers (--workers).")
+
+
+def can_grow() -> bool:
+    """Whether anything can add nodes to the connected cluster (an autoscaler)."""
+    return max_cluster_resources() is not None or autoscaler_reports(_autoscaler_status())
 
 
 def autoscaler_reports(status) -> bool:
@@ -251,7 +258,7 @@ def wait_for_resources(cfg: TrainConfig) -> None:
             short = shortfall(cfg)
             if not short:
                 if requested:
-                    log.info(f"the cluster has room for --workers {cfg.workers} after "
+                    log.info(f"the cluster has room for --workers {show_workers(cfg)} after "
                              f"{time.monotonic() - start:.0f} s")
                 return
             text = describe_shortfall(short)
@@ -260,7 +267,7 @@ def wait_for_resources(cfg: TrainConfig) -> None:
             status = _autoscaler_status()
             ceiling = max_cluster_resources()
             if ceiling is None and not autoscaler_reports(status):
-                raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}, and "
+                raise ResourceError(f"--workers {show_workers(cfg)} cannot be placed: {text}, and "
                                     f"no autoscaler can add nodes to this cluster{hint}.")
             # An autoscaler whose config this node cannot read: its largest size is unknown,
             # so only a failed launch or the timeout ends the wait.
@@ -268,12 +275,13 @@ def wait_for_resources(cfg: TrainConfig) -> None:
             beyond = {k: ceiling.get(k, 0.0) for k in short if ceiling.get(k, 0.0) < need[k]}
             if beyond:
                 most = ", ".join(f"{k}: {v:g}" for k, v in beyond.items())
-                raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}; even "
+                raise ResourceError(f"--workers {show_workers(cfg)} cannot be placed: {text}; even "
                                     f"at its largest the autoscaler gives {most}{hint}.")
             if not requested:
                 # The autoscaler launches nodes for demand it sees; Train's placement group
                 # comes only after this wait, so ask for the workers' bundles now (Ray's
-                # public request_resources; cleared when the wait ends, below).
+                # public request_resources; cleared when the wait ends, below): all of an
+                # elastic run's (it starts once the fewest fit, and grows into the rest).
                 request_resources(bundles=[worker_bundle(cfg)] * cfg.workers)
                 requested = True
             activity = state = "autoscaler status unavailable"
@@ -287,9 +295,9 @@ def wait_for_resources(cfg: TrainConfig) -> None:
                 state = autoscaler_activity(status)
             waited = time.monotonic() - start
             if time.monotonic() >= deadline:
-                raise ResourceError(f"--workers {cfg.workers} cannot be placed: {text}{hint}. "
-                                    f"Waited {cfg.resource_timeout_s:g} s for the autoscaler "
-                                    f"(--resource-timeout-s); it reports: {activity}.")
+                raise ResourceError(f"--workers {show_workers(cfg)} cannot be placed: "
+                                    f"{text}{hint}. Waited {cfg.resource_timeout_s:g} s for the "
+                                    f"autoscaler (--resource-timeout-s); it reports: {activity}.")
             if (text, state) != said or time.monotonic() - said_at >= PROGRESS_EVERY_S:
                 log.info(f"waiting for the autoscaler ({waited:.0f} s of "
                          f"{cfg.resource_timeout_s:g} s, --resource-timeout-s): {text}; "

@@ -106,7 +106,12 @@ class _Config:
                 typ.add_arguments(parser, prefix=_nested_prefix(f, prefix), defaults=default,
                                   refused=refused)
                 continue
+            if f.metadata.get("flag") is False:  # set through another field's flag
+                continue
             flag = _flag(f.name, prefix)
+            parse = f.metadata.get("parse")  # a flag that sets several fields (str -> dict)
+            if parse:
+                default = f.metadata["show"](defaults)
             help_ = f.metadata.get("help", "") + f" (default: {default})"
             dest = prefix + f.name
             if dest in refused:  # parsed to the default unless given, which is an error
@@ -116,6 +121,9 @@ class _Config:
             if typ is bool:
                 parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                     default=default, help=help_)
+                continue
+            if parse:  # argparse parses a str default too, so a default gives fields as well
+                parser.add_argument(flag, dest=dest, type=parse, default=default, help=help_)
                 continue
             args = typing.get_args(typ)
             is_optional = isinstance(typ, types.UnionType) and type(None) in args
@@ -137,9 +145,27 @@ class _Config:
             typ = hints[f.name]
             if dataclasses.is_dataclass(typ):
                 kwargs[f.name] = typ.from_args(ns, prefix=_nested_prefix(f, prefix))
-            else:
+            elif f.metadata.get("parse"):
+                kwargs.update(getattr(ns, prefix + f.name))
+            elif f.metadata.get("flag") is not False:
                 kwargs[f.name] = getattr(ns, prefix + f.name)
         return cls(**kwargs)
+
+
+def parse_workers(text: str) -> dict[str, int | None]:
+    """--workers N (a fixed size) or MIN-MAX (elastic): the fields it sets."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use a number of workers (4) or a range MIN-MAX (2-4) for an elastic run")
+    low, high = int(m[1]), int(m[2] or m[1])
+    if low > high:
+        raise argparse.ArgumentTypeError(f"{text!r}: MIN is larger than MAX; write it MIN-MAX")
+    return {"workers": high, "min_workers": low if low < high else None}
+
+
+def show_workers(cfg: TrainConfig) -> str:
+    return f"{cfg.min_workers}-{cfg.workers}" if cfg.elastic() else str(cfg.workers)
 
 
 @dataclass(frozen=True)
@@ -227,7 +253,14 @@ class TrainConfig(_Config):
     dataset: str = _f("cifar10", "dataset name under --data (made by prepare-data)")
     storage: str = _f("./results", "root path or s3:// URI for runs: <storage>/<name>/")
     name: str = _f("r50", "run name; re-running a name resumes it from its latest checkpoint")
-    workers: int = _f(2, "data-parallel Ray Train workers")
+    workers: int = _f(2, "data-parallel Ray Train workers: N, or MIN-MAX for an elastic run "
+                      "that starts once MIN fit, goes on with the survivors when a node is "
+                      "lost and grows back toward MAX as nodes join (docs/cluster.md)",
+                      parse=parse_workers, show=show_workers)
+    min_workers: int | None = _f(None, "an elastic run's fewest workers (--workers MIN-MAX); "
+                                 "None: a fixed size", flag=False)
+    resize_check_s: float = _f(60.0, "elastic runs: seconds between checks for room to grow "
+                               "(growing restarts the workers from the newest checkpoint)")
     use_gpu: bool = _f(False, "one GPU per worker (nccl, bf16 autocast, channels_last)")
     cpus_per_worker: int = _f(1, "CPUs reserved per worker (also its torch threads on CPU)")
     gpus_per_worker: float = _f(1.0, "GPUs reserved per worker with --use-gpu; a fraction "
@@ -278,6 +311,10 @@ class TrainConfig(_Config):
         _check_name(self.dataset, "--dataset")
         _check_name(self.name, "--name")
         _check(self.workers >= 1, "--workers", f"{self.workers}; must be >= 1")
+        _check(self.min_workers is None or 1 <= self.min_workers <= self.workers, "--workers",
+               f"{show_workers(self)}: MIN must be in [1, MAX]")
+        _check(self.resize_check_s > 0, "--resize-check-s",
+               f"{self.resize_check_s}; must be > 0")
         _check(self.cpus_per_worker >= 1, "--cpus-per-worker",
                f"{self.cpus_per_worker}; must be >= 1")
         _check(0 < self.gpus_per_worker <= 1, "--gpus-per-worker",
@@ -300,9 +337,16 @@ class TrainConfig(_Config):
                f"{self.image_size}; must be a multiple of 32 (32, 64, 128, 224...)")
         for i, phase in ((1, self.phase1), (2, self.phase2)):
             phase.validate(f"phase{i}-")
-            _check(phase.batch_size % self.workers == 0, f"--phase{i}-batch-size",
+            # An elastic run takes batch // workers per worker at each size it runs at: a
+            # size that does not divide the batch trains a global batch up to size-1 images
+            # smaller (recipe.PhaseLoop.start_phase logs it). A fixed size must divide it.
+            _check(phase.batch_size % self.workers == 0 or self.elastic(),
+                   f"--phase{i}-batch-size",
                    f"{phase.batch_size} is not divisible by --workers {self.workers}; "
                    f"use a multiple of {self.workers}")
+            _check(phase.batch_size >= self.workers, f"--phase{i}-batch-size",
+                   f"{phase.batch_size}: fewer images than --workers {show_workers(self)} "
+                   "(at least one per worker)")
         _check(self.phase1.epochs + self.phase2.epochs > 0, "--phase1-epochs/--phase2-epochs",
                "at least one phase needs epochs > 0")
         _check(self.keep_checkpoints >= 1, "--keep-checkpoints",
@@ -322,6 +366,13 @@ class TrainConfig(_Config):
     def phase(self, i: int) -> PhaseConfig:
         return self.phase1 if i == 1 else self.phase2
 
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.workers
+
+    def fewest_workers(self) -> int:
+        """The size a run can start (and go on) at: MIN of an elastic run, else --workers."""
+        return self.min_workers if self.elastic() else self.workers
+
     def caches_features(self) -> bool:
         """Phase-1 features are a pure function of the image only without augmentation."""
         return self.cache_features and not self.phase1.augment
@@ -333,7 +384,7 @@ class TrainConfig(_Config):
         small = dict(epochs=1, batch_size=64)
         return dataclasses.replace(
             self, dataset="synthetic", weights="none", weights_sha256=None,
-            workers=2, use_gpu=False, cpus_per_worker=1,
+            workers=2, min_workers=None, use_gpu=False, cpus_per_worker=1,
             name=self.name if self.name != TrainConfig.name else "smoke",
             phase1=dataclasses.replace(self.phase1, **small),
             phase2=dataclasses.replace(self.phase2, warmup_epochs=0.0, **small))
@@ -394,6 +445,11 @@ class SweepConfig(_Config):
                    "--weight-decays", f"{self.weight_decays}; non-empty, each >= 0")
         _check(self.scheduler in SCHEDULERS, "--scheduler",
                f"{self.scheduler!r}; choose one of {SCHEDULERS}")
+        _check(not self.train.elastic(), "--workers",
+               f"{show_workers(self.train)}: a sweep's trials run side by side on the same "
+               "nodes, so elastic trials would each grow into the room the others wait for "
+               "(and every growth restarts a trial from its checkpoint); give trials a fixed "
+               "size (--workers N)")
         _check(self.train.phase2.epochs >= 1, "--phase2-epochs",
                "a sweep of the phase-2 LR needs phase-2 epochs >= 1")
         _check(1 <= self.grace_period <= self.train.phase2.epochs, "--grace-period",

@@ -35,6 +35,8 @@ RayInternalsError naming it and this file.
    fake_multinode_provider(), the provider section that runs Ray's fake multi-node provider
    (what ray.cluster_utils.AutoscalingCluster uses) from the installed wheel, and
    fake_head_node_id(), the head's id that provider expects.
+12. BoundedElasticWait, RestartWaitExceeded: a controller callback on Train's control-loop
+   states that bounds an elastic run's wait for room (Train's own waits without limit).
 """
 
 from __future__ import annotations
@@ -229,3 +231,42 @@ def fake_head_node_id() -> str:
     """The head node id Ray's fake multi-node provider (RAY_FAKE_CLUSTER) expects."""
     return _private("ray.autoscaler._private.fake_multi_node.node_provider",
                     "FAKE_HEAD_NODE_ID")
+
+
+# 12. Elastic runs (ScalingConfig(num_workers=(min, max))): after a loss, Train's elastic
+# policy waits without limit until MIN workers have room, and its placements are retried
+# without limit (train.build_trainer). A controller callback (RunConfig takes Train's internal
+# callbacks besides its public ones) bounds the time without a running group: Train calls
+# after_controller_state_update on every iteration of its control loop and turns an exception
+# raised there into the run's ControllerError (controller_failure: the exception; not one it
+# retries), which train.fit_trainer explains.
+_ControllerCallback = _private("ray.train.v2._internal.execution.callback",
+                               "ControllerCallback")
+# A group trains (or finishes training) in these; in the others the run waits for one.
+_TRAINING = tuple(_private("ray.train.v2._internal.execution.controller.state", name)
+                  for name in ("RunningState", "PreemptingState", "ShuttingDownState"))
+
+
+class RestartWaitExceeded(RuntimeError):
+    """An elastic run went too long without a running worker group (no room for MIN)."""
+
+
+class BoundedElasticWait(_ControllerCallback):
+    """Raise RestartWaitExceeded once the controller has gone `wait_s` without a running
+    worker group: starting, waiting for room after a loss, placing a group (a placement that
+    times out is retried, see train.build_trainer), resizing."""
+
+    def __init__(self, wait_s: float):
+        self.wait_s, self.since = wait_s, None
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        import time
+
+        if isinstance(current_state, _TRAINING) or current_state.is_terminal():
+            self.since = None
+            return
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        if now - self.since > self.wait_s:
+            raise RestartWaitExceeded(f"no running worker group for {now - self.since:.0f} s "
+                                      f"(at most {self.wait_s:g} s)")

@@ -103,11 +103,20 @@ class PhaseLoop:
         `resume` (a checkpoint taken in this phase) when given."""
         cfg, rt = self.cfg, self.rt
         pc = cfg.phase(phase)
+        # Steps per epoch from the global batch, not the rank's: the same at every world size
+        # an elastic run goes through (train slices are equal), so the LR schedule and a
+        # mid-epoch checkpoint's step mean the same after a resize. A size that does not
+        # divide the batch rounds each rank's share down (config.TrainConfig allows it only
+        # for elastic runs).
         self.phase, self.batch = phase, pc.batch_size // rt.world
-        self.steps = len(self.data.train_y) // self.batch
+        self.steps = len(self.data.train_y) * rt.world // pc.batch_size
         if self.steps == 0:
             raise ValueError(f"--phase{phase}-batch-size {pc.batch_size}: larger than the "
                              f"{len(self.data.train_y) * rt.world} training images")
+        if pc.batch_size % rt.world and rt.rank == 0:
+            log.warning(f"phase {phase} on {rt.world} workers: {self.batch} images each, a "
+                        f"global batch of {self.batch * rt.world} (--phase{phase}-batch-size "
+                        f"{pc.batch_size} does not divide by {rt.world})")
         set_phase(self.model, phase)
         self.module, self.train_x, self.val_x = self.model, self.data.train_x, self.data.val_x
         self.cached, self.setup_seconds = phase == 1 and cfg.caches_features(), 0.0
@@ -234,6 +243,9 @@ class PhaseLoop:
             "lr_start": tr["lr_start"], "lr_end": tr["lr_end"],
             "seconds": train_seconds + self.setup_seconds,
             "images_per_s": sums[2] / max(train_seconds, 1e-9), "feature_cache": self.cached,
+            # The world size this start of the workers trained the epoch at (an elastic run's
+            # changes; an epoch resumed mid-way counts the size that finished it).
+            "workers": rt.world,
             # Where the time went (timeline.py): this worker-group start's own share.
             "train_seconds": own_seconds, "feature_cache_seconds": self.setup_seconds,
             "eval_seconds": eval_seconds, "checkpoint_seconds": self.report_seconds,

@@ -39,6 +39,8 @@ the slowest rank where every rank does the work, else on rank 0; Unix times on r
                                               a start's first row (a start's last report is in
                                               worker_starts.json)
                        finished_at            when the epoch ended, before its report
+                       workers                the world size it trained at (an elastic
+                                              run's changes as nodes go and come)
   worker_starts.json   a list, one entry per worker-group start, oldest first: started (its
                        loop's start), data_load_seconds (this rank's data onto the device),
                        model_setup_seconds (the model, its weights and the checkpoint it

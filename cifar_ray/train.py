@@ -42,7 +42,7 @@ from cifar_ray import (
     tracking,
 )
 from cifar_ray.checkpoint import ResumePoint
-from cifar_ray.config import PrepareConfig, TrainConfig
+from cifar_ray.config import PrepareConfig, TrainConfig, show_workers
 from cifar_ray.errors import UserError
 from cifar_ray.evaluate import evaluate_checkpoint
 from cifar_ray.model import WeightsError, build
@@ -256,9 +256,12 @@ def preflight(cfg: TrainConfig) -> tuple[TrainConfig, dict]:
     n_train = manifest["splits"]["train"]["count"]
     for i in (1, 2):
         pc = cfg.phase(i)
-        if pc.epochs and (n_train // cfg.workers) < pc.batch_size // cfg.workers:
+        # Each of `size` workers gets an equal slice: one step takes the whole batch.
+        sizes = range(cfg.fewest_workers(), cfg.workers + 1)
+        if pc.epochs and any((n_train // k) * k < pc.batch_size for k in sizes):
             raise ValueError(f"--phase{i}-batch-size {pc.batch_size}: more than the "
-                             f"{n_train} training images allow with --workers {cfg.workers}")
+                             f"{n_train} training images allow with --workers "
+                             f"{show_workers(cfg)}")
     if cfg.weights not in ("imagenet", "none") and not storage.exists(cfg.weights):
         raise WeightsError(f"--weights {storage.display(cfg.weights)}: no such file "
                            "(a ResNet50 state_dict: path or s3:// URI)")
@@ -291,24 +294,50 @@ MIN_START_TIMEOUT_S = 10.0
 POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
-def restart_wait_s(cfg: TrainConfig) -> float:
-    return max(cfg.resource_timeout_s, MIN_START_TIMEOUT_S)
+# An elastic run's placement of a group of the size Train decided on (see build_trainer).
+ELASTIC_PLACEMENT_WAIT_S = 20.0
+# On a cluster nothing can grow, a lost node comes back by hand or not at all: a restart
+# waits this long at most (a node restarted by its owner rejoins in seconds).
+FIXED_CLUSTER_RESTART_WAIT_S = 120.0
+
+
+def restart_wait_s(cfg: TrainConfig, can_grow: bool = True) -> float:
+    """How long a restart after a lost node waits for room: --resource-timeout-s where an
+    autoscaler can bring a replacement (a cold node takes minutes), else at most
+    FIXED_CLUSTER_RESTART_WAIT_S."""
+    wait = cfg.resource_timeout_s if can_grow else min(cfg.resource_timeout_s,
+                                                       FIXED_CLUSTER_RESTART_WAIT_S)
+    return max(wait, MIN_START_TIMEOUT_S)
 
 
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrainer:
     storage_path, storage_fs = storage.for_ray(cfg.storage, cfg.storage_retry_s)
-    # A restart after a lost node waits --resource-timeout-s for room, as the first start does
-    # (cluster.wait_for_resources), and then the run stops (fit_trainer says why). Train's own
-    # default is 60 s retried without limit (controller_failure_limit -1): a run whose node
-    # never came back waited forever, holding the rest of the cluster.
-    os.environ[START_TIMEOUT_ENV] = str(restart_wait_s(cfg))
+    # A restart after a lost node waits for room (restart_wait_s), and then the run stops
+    # (fit_trainer says why). Train's own default is 60 s retried without limit
+    # (controller_failure_limit -1), and an elastic run's wait has no limit at all: a run
+    # whose node never came back waited forever, holding the rest of the cluster.
+    wait = restart_wait_s(cfg, cluster.can_grow())
+    retries = 0
+    if cfg.elastic():
+        # Train sizes an elastic group from a view of the nodes refreshed every 20 s, so a
+        # restart right after a node is lost may still ask for the old size: its placement
+        # gives up after ELASTIC_PLACEMENT_WAIT_S and Train decides again (retries without
+        # limit), on the survivors or on nodes that came meanwhile. The whole time without
+        # a running group is bounded by `wait` (BoundedElasticWait).
+        retries = -1
+        callbacks = [*(callbacks or []), ray_internals.BoundedElasticWait(wait)]
+        wait = min(wait, ELASTIC_PLACEMENT_WAIT_S)
+    os.environ[START_TIMEOUT_ENV] = str(wait)
     os.environ.setdefault(POLL_ENV, POLL_S)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         torch_config=rendezvous.BoundTorchConfig(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+            # Elastic: Train starts once MIN fit, goes on with the survivors after a loss and
+            # restarts at a larger size every --resize-check-s while there is room to grow.
+            num_workers=(cfg.min_workers, cfg.workers) if cfg.elastic() else cfg.workers,
+            elastic_resize_monitor_interval_s=cfg.resize_check_s, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker,
                                   **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
@@ -317,7 +346,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrain
                 num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute="val_acc",
                 checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures,
-                                                   controller_failure_limit=0),
+                                                   controller_failure_limit=retries),
             worker_runtime_env=cluster.worker_env(),
             logging_config=ray.train.LoggingConfig(log_level=cfg.ray_log_level),
             callbacks=callbacks))
@@ -336,7 +365,8 @@ def fit_trainer(cfg: TrainConfig, callbacks: list | None = None) -> None:
             raise user[0] from None
         raise
     except ray.train.ControllerError as e:
-        if not isinstance(e.controller_failure, ray_internals.WorkerGroupStartupTimeoutError):
+        if not isinstance(e.controller_failure, (ray_internals.WorkerGroupStartupTimeoutError,
+                                                 ray_internals.RestartWaitExceeded)):
             raise
         raise no_room_to_restart(cfg) from None
 
@@ -348,8 +378,8 @@ def no_room_to_restart(cfg: TrainConfig) -> cluster.ResourceError:
              else "the start (no checkpoint was stored)")
     return cluster.ResourceError(
         f"run {storage.display(cfg.run_uri())}: its workers were lost and --workers "
-        f"{cfg.workers} could not be placed again within "
-        f"{restart_wait_s(cfg):g} s (--resource-timeout-s): "
+        f"{show_workers(cfg)} could not be placed again within "
+        f"{restart_wait_s(cfg, cluster.can_grow()):g} s (--resource-timeout-s): "
         f"{cluster.describe_shortfall(short) or 'the cluster had room only after the wait'}. "
         f"Run the same command again once the cluster has room: it resumes from {where}.")
 

@@ -108,6 +108,14 @@ def run_trial(params: dict) -> None:
     base = TrainConfig.from_dict(params["base"])
     cfg = trial_config(base, params, tune.get_context().get_trial_id(), params["init"])
     with storage.retries(cfg.storage_retry_s):
+        rows = runs.read_metrics(cfg.run_uri())
+        if rows and (rows[-1]["phase"], rows[-1]["epoch"]) == (2, cfg.phase2.epochs - 1):
+            # Trained to its end before the driver died, but not yet recorded as finished in
+            # Tune's experiment state: its last row again, so that Tune (which wants a result
+            # with the metric from every trial) records it, and nothing is trained twice.
+            log.info(f"{cfg.name}: already trained to its last epoch")
+            tune.report(rows[-1])
+            return
         runs.write_config(cfg)
         earlier = len(runs.read_worker_starts(cfg.run_uri()))  # an interrupted sweep's
         fit_start = time.time()

@@ -1,8 +1,10 @@
-"""Cold starts on Ray's own autoscaling cluster: a head that trains nothing (0 CPUs), a worker
-type from 0 to 1 node, and Ray's fake multi-node provider (RAY_FAKE_CLUSTER: the autoscaler
-launches each node as a raylet on this machine), autoscaler v2 as `ray up` runs it since Ray
-2.50. The job waits, says what the autoscaler is launching, trains once the node has joined;
-a node type the provider fails to launch stops the wait at once with the autoscaler's error.
+"""A cluster's life on Ray's own autoscaling cluster: a head that trains nothing (0 CPUs), a
+worker type from 0 to 2 nodes, and Ray's fake multi-node provider (RAY_FAKE_CLUSTER: the
+autoscaler launches each node as a raylet on this machine), autoscaler v2 as `ray up` runs
+it since Ray 2.50. A job submitted through the jobs API waits, says what the autoscaler is
+launching and trains once the nodes have joined; a node killed mid-run is replaced by the
+autoscaler and the run resumes on it; the idle nodes go afterwards. A node type the provider
+fails to launch stops the wait at once with the autoscaler's error.
 
     python -m pytest -q tests/test_autoscaler.py
 
@@ -29,7 +31,7 @@ from pathlib import Path
 import pytest
 from conftest import descendants, free_port, wait_until
 
-from cifar_ray import cluster, ray_internals, storage
+from cifar_ray import cluster, ray_internals, runs, storage
 from cifar_ray.config import TrainConfig
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -100,13 +102,13 @@ def test_the_default_wait_covers_a_cold_gpu_node():
 # --- on a real autoscaling cluster ------------------------------------------------------
 
 # Node types shaped like cluster.yaml's: a head with no CPU for training, worker types that
-# scale from 0. `cpu_2x` is the training node. `gpu_1x` (one logical GPU) asks for an object
-# store below Ray's minimum (75 MiB), so the fake provider's node creation raises, as a
-# cloud's RunInstances does on a capacity or quota error, and the autoscaler records a failed
-# launch: the only way to real GPU nodes on this cluster fails.
+# scale from 0. `cpu_1x` nodes train, one worker each. `gpu_1x` (one logical GPU) asks for
+# an object store below Ray's minimum (75 MiB), so the fake provider's node creation raises,
+# as a cloud's RunInstances does on a capacity or quota error, and the autoscaler records a
+# failed launch: the only way to real GPU nodes on this cluster fails.
 NODE_TYPES = {
-    "cpu_2x": {"resources": {"CPU": 2, "object_store_memory": 200 * MiB}, "node_config": {},
-               "min_workers": 0, "max_workers": 1},
+    "cpu_1x": {"resources": {"CPU": 1, "object_store_memory": 200 * MiB}, "node_config": {},
+               "min_workers": 0, "max_workers": 2},
     "gpu_1x": {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": MiB},
                "node_config": {}, "min_workers": 0, "max_workers": 1},
 }
@@ -116,7 +118,7 @@ def _autoscaling_config(gcs_address: str) -> dict:
     """ray.cluster_utils.AutoscalingCluster's config for autoscaler v2, its template
     (fake_multi_node/example.yaml, which Ray's wheel leaves out) inlined."""
     return {
-        "cluster_name": "cifar-ray-autoscaling", "max_workers": 2,
+        "cluster_name": "cifar-ray-autoscaling", "max_workers": 3,
         "provider": ray_internals.fake_multinode_provider(gcs_address),
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
@@ -145,12 +147,19 @@ def autoscaling(s3_server):
            "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": head_id,
            "RAY_OVERRIDE_NODE_ID_FOR_TESTING": head_id, "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           # On SIGTERM (teardown) `ray start` would first drain the node for up to 30 s.
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
            "GLOO_SOCKET_IFNAME": "lo",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     log = open(os.path.join(temp_dir, "ray-start.log"), "w")
+    # GCS declares a silent node dead after 3 missed 1 s health checks (Ray's default takes
+    # tens of seconds), as in test_cluster_faults.py.
+    health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+              "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--autoscaling-config={config}",
+         f"--system-config={json.dumps(health)}",
          "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0", "--num-gpus=0",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp_dir}",
          "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -158,6 +167,8 @@ def autoscaling(s3_server):
                                                                     "RAY_CLOUD", "RAY_OVERR",
                                                                     "RAY_enable"))}
     driver_env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    driver_env["CIFAR_RAY_DASHBOARD"] = f"http://127.0.0.1:{dash}"
+    driver_env["CIFAR_RAY_HEAD_PID"] = str(proc.pid)
 
     def up():
         if proc.poll() is not None:
@@ -214,13 +225,10 @@ def _alive(pids: set[int]) -> list[int]:
 
 
 def _job(env: dict, s3_data: str, bucket: str, name: str, *flags: str):
-    """jobs/train.py as the driver of a job on the head: one 2-CPU worker (a whole cpu_2x
-    node), 1 + 1 tiny epochs. Returns (exit code, its log lines, seconds)."""
-    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--data", s3_data,
-           "--dataset", "tiny", "--storage", f"s3://{bucket}/runs", "--name", name,
-           "--workers", "1", "--cpus-per-worker", "2", "--weights", "none",
-           "--phase1-epochs", "1", "--phase1-batch-size", "64", "--phase2-epochs", "1",
-           "--phase2-batch-size", "64", "--phase2-optimizer", "sgd", *flags]
+    """jobs/train.py as the driver of a job on the head: one 1-CPU worker (a cpu_1x node),
+    1 + 1 tiny epochs. Returns (exit code, its log lines, seconds)."""
+    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), *_flags(s3_data, bucket, name),
+           "--workers", "1", *flags]
     t0 = time.monotonic()
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     took = time.monotonic() - t0
@@ -228,18 +236,124 @@ def _job(env: dict, s3_data: str, bucket: str, name: str, *flags: str):
     return done.returncode, lines, took
 
 
+def _flags(s3_data: str, bucket: str, name: str) -> list[str]:
+    return ["--data", s3_data, "--dataset", "tiny", "--storage", f"s3://{bucket}/runs",
+            "--name", name, "--cpus-per-worker", "1", "--weights", "none",
+            "--phase1-epochs", "1", "--phase1-batch-size", "64", "--phase2-batch-size", "64",
+            "--phase2-optimizer", "sgd", "--phase2-momentum", "0"]
+
+
+def _raylets(head_pid: int) -> dict[int, bool]:
+    """The cluster's raylets (the head's and one per node the autoscaler launched): pid ->
+    whether a Ray Train worker runs under it."""
+    out = {}
+    for pid in descendants(head_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not f.read().split(b"\0")[0].endswith(b"/raylet"):
+                    continue
+        except OSError:
+            continue
+        out[pid] = any(_cmdline_has(p, b"RayTrainWorker") for p in descendants(pid))
+    return out
+
+
+def _cmdline_has(pid: int, needle: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return needle in f.read()
+    except OSError:
+        return False
+
+
+def _rows(run: str) -> list[dict]:
+    key = storage.join(run, "metrics.jsonl")
+    if not storage.exists(key):
+        return []
+    return [json.loads(r) for r in storage.read_bytes(key).decode().splitlines()]
+
+
 @pytest.mark.ray
-def test_a_cold_start_waits_says_what_is_launching_and_trains(autoscaling, s3_data, bucket):
-    rc, lines, took = _job(autoscaling, s3_data, bucket, "cold")
-    ours = [ln for ln in lines if "autoscaler" in ln or "room" in ln]
-    print("\n".join(lines), f"\nempty cluster -> run finished in {took:.1f} s")
-    assert rc == 0, "\n".join(lines[-40:])
+def test_a_job_on_an_empty_cluster_waits_trains_through_a_lost_node_and_leaves_no_node_up(
+        autoscaling, s3_data, bucket, tmp_path):
+    """Through the jobs API, as README's `ray job submit`: the job waits while the autoscaler
+    launches two cpu_1x nodes and says so; once phase 2 has stored a checkpoint, one of the
+    nodes hosting a worker is killed (its raylet and everything under it, by pid); the
+    autoscaler notices, launches a replacement, and the run resumes on it from its newest
+    complete checkpoint by itself (nothing else can hold the second worker). The job
+    succeeds with every epoch recorded once, and once idle the nodes are released."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    checkout = tmp_path / "checkout"  # the repository's tracked files, as a clone has them
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    for name in filter(None, tracked):
+        if (REPO / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, checkout / name)
+    head = int(autoscaling["CIFAR_RAY_HEAD_PID"])
+    client = JobSubmissionClient(autoscaling["CIFAR_RAY_DASHBOARD"], headers={
+        "Authorization": f"Bearer {autoscaling['RAY_AUTH_TOKEN']}"})
+    run = f"s3://{bucket}/runs/replaced"
+    submitted = time.time()
+    job = client.submit_job(entrypoint=" ".join(
+        ["python", "jobs/train.py", *_flags(s3_data, bucket, "replaced"), "--workers", "2",
+         "--phase2-epochs", "4"]), runtime_env={"working_dir": str(checkout)})
+
+    def job_failed() -> bool:
+        if client.get_job_status(job) in (JobStatus.FAILED, JobStatus.STOPPED):
+            raise AssertionError(client.get_job_logs(job)[-4000:])
+        return False
+
+    wait_until(lambda: job_failed() or storage.exists(
+        storage.join(run, "checkpoint-p2-e000", "state.pt.sha256")), 600,
+        "phase 2's first checkpoint")
+    before = _raylets(head)
+    victim = wait_until(lambda: [p for p, w in _raylets(head).items() if w], 60,
+                        "a node hosting a training worker")[0]
+    killed = time.time()
+    for pid in descendants(victim) | {victim}:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    replaced = {}
+
+    def finished():
+        new = set(_raylets(head)) - set(before)
+        if new and "at" not in replaced:
+            replaced["at"] = time.time()
+        status = client.get_job_status(job)
+        return status if status in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                    JobStatus.STOPPED) else None
+
+    status = wait_until(finished, 900, "the job to finish", interval=1)
+    logs = client.get_job_logs(job)
+    print(logs[-6000:])
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    lines = logs.splitlines()
     waits = [ln for ln in lines if "waiting for the autoscaler" in ln]
-    assert waits and all("CPU: need 2, cluster has 0" in ln for ln in waits), ours
-    assert any("cpu_2x" in ln for ln in waits), ours
-    assert any("the cluster has room for --workers 1" in ln for ln in lines), ours
-    result = json.loads(storage.read_bytes(f"s3://{bucket}/runs/cold/result.json"))
-    assert result["final_checkpoint"].endswith("/runs/cold/checkpoint-p2-e000"), result
+    assert waits and all("CPU: need 2, cluster has" in ln for ln in waits), waits
+    assert any("cpu_1x" in ln for ln in waits), waits
+    assert any("the cluster has room for --workers 2" in ln for ln in lines), lines[-40:]
+    rows = _rows(run)
+    assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0)] + [(2, e) for e in range(4)]
+    after = [r for r in rows if r["finished_at"] > killed]
+    assert "restored_from" in after[0] and all(r["workers"] == 2 for r in rows), rows
+    assert "at" in replaced, "no new node joined after the kill"
+    result = json.loads(storage.read_bytes(storage.join(run, "result.json")))
+    assert result["epochs"] == 5, result
+    starts = [s["started"] for s in runs.read_worker_starts(run)]
+    assert len(starts) == 2, starts
+    print(f"AUTOSCALER empty cluster -> first epoch stored "
+          f"{rows[0]['finished_at'] - submitted:.1f} s after the submission; node killed -> "
+          f"replacement joined {replaced['at'] - killed:.1f} s -> training again "
+          f"{starts[1] - killed:.1f} s after the kill (first epoch stored "
+          f"{after[0]['finished_at'] - killed:.1f} s after)")
+    # Idle nodes go (idle_timeout_minutes 0.5): only the head's raylet is left.
+    ended = time.time()
+    wait_until(lambda: len(_raylets(head)) == 1, 300, "the idle nodes to be released")
+    print(f"AUTOSCALER idle nodes released {time.time() - ended:.1f} s after the job ended")
 
 
 @pytest.mark.ray

@@ -20,7 +20,7 @@ import time
 import pytest
 from conftest import descendants, fit_in_thread, free_port, wait_until
 
-from cifar_ray import checkpoint, cluster, ray_internals, storage
+from cifar_ray import checkpoint, cluster, ray_internals, runs, storage
 from cifar_ray.config import PhaseConfig, TrainConfig
 
 pytestmark = pytest.mark.ray
@@ -231,3 +231,54 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_that_s
     assert restored[0]["epoch"] == progress[1]  # in the epoch the notice came in
     assert (restored[0]["phase"], restored[0]["epoch"], restored[0]["step"]) >= progress
     assert final[2]["restored_from"] == restored[0]
+
+
+def test_an_elastic_run_goes_on_with_the_survivor_and_grows_back_when_a_node_joins(
+        nodes, s3_data, bucket):
+    """--workers 1-2 on the two worker nodes: a node is killed in phase 2 and the run goes
+    on from its newest checkpoint on the one survivor, without waiting for a replacement;
+    once a node joins, it grows back to two workers (restarting from its newest checkpoint,
+    checked for room every --resize-check-s). Every epoch is recorded once, each row with
+    the world size it trained at. Epochs of ~6 s at two workers (768 images), so that the
+    growth (Train sees a new node within ~20 s) lands well before the end."""
+    from cifar_ray import data
+    from cifar_ray.config import PrepareConfig
+
+    data.prepare(PrepareConfig(source="synthetic", data=s3_data, dataset="mid",
+                               val_size=64, synthetic_size=832))
+    cfg = dataclasses.replace(_cfg(s3_data, bucket, "elastic", epochs=8, min_workers=1,
+                                   resize_check_s=2), dataset="mid")
+    t, out = fit_in_thread(cfg)
+    run = cfg.run_uri()
+    victim = _in_phase2(run, nodes)
+    killed = time.time()
+    _kill_node(victim)
+    nodes.worker_nodes.discard(victim)
+
+    def rows_at(world: int) -> list[dict]:
+        return [r for r in _rows(run) if r["finished_at"] > killed and r["workers"] == world]
+
+    wait_until(lambda: "error" in out or rows_at(1), 600, "an epoch on the survivor")
+    assert "error" not in out, out.get("error")
+    joined = time.time()
+    nodes.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    wait_until(lambda: "error" in out or rows_at(2), 600, "an epoch on two workers again")
+    t.join(timeout=1200)
+    assert not t.is_alive() and "error" not in out, out.get("error")
+    final = _rows(run)
+    assert [(r["phase"], r["epoch"]) for r in final] == [(1, 0)] + [(2, e) for e in range(8)]
+    sizes = [r["workers"] for r in final]
+    shrunk = next(i for i, r in enumerate(final) if r["finished_at"] > killed)
+    grown = next(i for i, r in enumerate(final) if r["finished_at"] > joined and r["workers"] == 2)
+    assert sizes[:shrunk] == [2] * shrunk and sizes[shrunk] == 1, sizes
+    assert set(sizes[shrunk:grown]) == {1} and set(sizes[grown:]) == {2}, sizes
+    # Each resize is a restart from the newest checkpoint, and the first row after it says so.
+    assert "restored_from" in final[shrunk] and "restored_from" in final[grown], final
+    starts = [s["started"] for s in runs.read_worker_starts(run)]
+    assert len(starts) == 3, starts
+    print(f"ELASTIC shrink: training again on 1 worker {starts[1] - killed:.1f} s after the "
+          f"kill (its first epoch stored {final[shrunk]['finished_at'] - killed:.1f} s after); "
+          f"grow: training on 2 workers {starts[2] - joined:.1f} s after the node joined "
+          f"(first epoch stored {final[grown]['finished_at'] - joined:.1f} s after); sizes "
+          f"{sizes}")
+    assert out["summary"]["epochs"] == 9

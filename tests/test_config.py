@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cifar_ray.cli import parser
-from cifar_ray.config import PhaseConfig, PrepareConfig, TrainConfig
+from cifar_ray.config import PhaseConfig, PrepareConfig, SweepConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +48,32 @@ def test_cli_flags_round_trip_to_config():
     # Untouched flags keep the dataclass defaults, nested ones included.
     assert cfg.phase2.weight_decay == TrainConfig().phase2.weight_decay
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_workers_min_max_is_an_elastic_run_and_bad_ranges_name_the_flag():
+    cfg = TrainConfig.from_args(parser().parse_args(["train", "--workers", "2-4"]))
+    assert (cfg.min_workers, cfg.workers, cfg.elastic(), cfg.fewest_workers()) == (2, 4, True, 2)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    fixed = TrainConfig.from_args(parser().parse_args(["train", "--workers", "3-3",
+                                                       "--phase1-batch-size", "96",
+                                                       "--phase2-batch-size", "96"]))
+    assert (fixed.workers, fixed.elastic(), fixed.fewest_workers()) == (3, False, 3)
+    # A size of the range that does not divide the batch is allowed (each worker takes
+    # batch // size); a fixed size must divide it, as before.
+    assert TrainConfig(workers=3, min_workers=2).elastic()
+    for bad in ("4-2", "two", "2-", "-3"):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["train", "--workers", bad])
+    with pytest.raises(ValueError, match="^--workers: 0-2: MIN"):
+        TrainConfig(workers=2, min_workers=0)
+    with pytest.raises(ValueError, match="^--phase1-batch-size: 2: fewer images than "
+                                         "--workers 1-4"):
+        TrainConfig(workers=4, min_workers=1, phase1=PhaseConfig(batch_size=2))
+    # A sweep's trials run at a fixed size, and it says why.
+    with pytest.raises(ValueError, match="^--workers: 1-2: a sweep's trials run side by side"):
+        SweepConfig(train=TrainConfig(workers=2, min_workers=1))
+    # --smoke's fixed two workers win over a range.
+    assert not TrainConfig(smoke=True, workers=4, min_workers=2).with_smoke().elastic()
 
 
 def test_from_dict_rejects_unknown_keys():

@@ -165,3 +165,52 @@ def test_compiled_and_eager_phases_give_the_same_losses(tiny):
     for e, c in zip(eager, compiled, strict=True):
         assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-4)
         assert c["val_acc"] == pytest.approx(e["val_acc"], abs=1e-6)
+
+
+def _resume_on_two_ranks(rank: int, port: int, cfg, jit: dict, out: str) -> None:
+    """One of two gloo ranks on loopback (torch.multiprocessing.spawn): this rank's slice of
+    the data, the loop resumed from `jit`; rank 0 saves the history to `out`."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        train, val = data.synthetic(192, 0), data.synthetic(64, 1)
+        lo, hi = data.shard_range(len(train.labels), rank, 2, equal=True)
+        vlo, vhi = data.shard_range(len(val.labels), rank, 2, equal=False)
+        d = DeviceSplits.of(data.Split(train.images[lo:hi], train.labels[lo:hi]),
+                            data.Split(val.images[vlo:vhi], val.labels[vlo:vhi]))
+        rt = Runtime.for_device(torch.device("cpu"), rank, 2)
+        hist = recipe.PhaseLoop(cfg, M.build("none", seed=cfg.seed), d, rt,
+                                lambda met, st: None).run(jit)
+        if rank == 0:
+            torch.save(hist, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_mid_epoch_checkpoint_resumes_at_another_world_size(tiny, tmp_path):
+    """An elastic run shrinks or grows at a restart, and a preemption notice's checkpoint
+    may be the one it resumes from: taken on one worker at phase 2's second step, resumed on
+    two (a real gloo group of two processes). Steps per epoch come from the global batch, so
+    the epoch goes on from the same step at the same LR, and its row records the size it
+    ran at."""
+    from conftest import free_port
+
+    cfg = _cfg(phase2=PhaseConfig(epochs=2, lr=1e-4, batch_size=64, augment=True))
+    _, plain, _ = _run(cfg, tiny)
+    asked = []
+    _, _, states = _run(cfg, tiny, notice=lambda: asked.append(1) or len(asked) == 8)
+    jit = next(s for s in states if "step" in s)
+    out = tmp_path / "history.pt"
+    torch.multiprocessing.spawn(_resume_on_two_ranks, args=(free_port(), cfg, jit, str(out)),
+                                nprocs=2)
+    resumed = torch.load(out)
+    assert [(h["phase"], h["epoch"], h["workers"]) for h in resumed] == [
+        (1, 0, 1), (1, 1, 1), (2, 0, 2), (2, 1, 2)]
+    assert resumed[2]["restored_from"] == {"phase": 2, "epoch": 0, "step": 2}
+    for a, b in zip(resumed[2:], plain[2:], strict=True):
+        # The same 3 steps of 64 images an epoch at either size, on the same LR schedule.
+        assert a["lr_start"] == pytest.approx(b["lr_start"])
+        assert a["lr_end"] == pytest.approx(b["lr_end"])
+    assert all(math.isfinite(h["train_loss"]) for h in resumed)
