@@ -173,19 +173,29 @@ def _all_objects(bucket: str) -> dict[str, bytes]:
             for p in pages for o in p.get("Contents", [])}
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def _keys(bucket: str) -> set[str]:
     pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return {o["Key"] for p in pages for o in p.get("Contents", [])}
 
 
-def test_a_sweep_stopped_and_submitted_again_with_resume_lands_in_s3(head, workdir, bucket,
-                                                                     capsys):
-    """A sweep through the jobs API, one trial at a time, stopped with `ray job stop` in the
-    middle of its first trial, then the same `ray job submit` with --resume: phase 1 is not
-    run again, the interrupted trial resumes from its own latest checkpoint and the other
-    trial runs; everything lands in the bucket under the configured prefixes, and nothing
-    secret or public is left behind. (One sweep for all of it: a sweep through the jobs API
-    takes minutes here. --smoke's own settings and data: test_config.py.)"""
+def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_what_finished(
+        head, workdir, bucket, capsys):
+    """A sweep through the jobs API, one trial at a time; its driver is killed (SIGKILL, by
+    pid) once the first trial has finished and the second has stored phase 2's first epoch,
+    then the same `ray job submit` with --resume: phase 1 is not run again, the finished
+    trial is not trained again (even if Tune had not yet recorded it as finished), the
+    interrupted one resumes from its own latest checkpoint; everything lands in the bucket
+    under the configured prefixes, and nothing secret or public is left behind. (One sweep
+    for all of it: a sweep through the jobs API takes minutes here. --smoke's own settings
+    and data: test_config.py.)"""
     lrs = ["1e-3", "1e-2"]
     data.prepare(PrepareConfig(source="synthetic", data=f"s3://{bucket}/datasets",
                                dataset="tiny", val_size=64, synthetic_size=320))
@@ -206,19 +216,28 @@ def test_a_sweep_stopped_and_submitted_again_with_resume_lands_in_s3(head, workd
         trials = storage.join(exp, runs.TRIALS)
         return {n: runs.read_metrics(storage.join(trials, n)) for n in storage.list_dir(trials)}
 
+    def one_done_and_the_next_midway() -> bool:
+        sample()
+        if head.client.get_job_status(first).is_terminal():
+            raise AssertionError(head.client.get_job_logs(first)[-4000:])
+        # A row lands after its checkpoint: 2 rows (phase 1's and phase 2's first) mean
+        # phase 2's first checkpoint is stored, 4 that the trial is done.
+        return sorted(len(r) for r in trial_rows().values()) in ([2, 4], [3, 4])
+
     first = head.submit(workdir, *args)
-    # Mid-trial: the first trial has stored phase 2's first epoch; its second is in flight.
-    wait_until(lambda: sample() or any(k.startswith("sweeps/team-a/e2e/trials/") and
-                                       k.endswith("/checkpoint-p2-e000/state.pt.sha256")
-                                       for k in _keys(bucket))
-               or head.client.get_job_status(first).is_terminal(), 900,
-               "the first trial's first phase-2 checkpoint", interval=1)
-    done = head.cli("job", "stop", "--address", head.address, first)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert head.wait(first, 300, on_poll=sample) == JobStatus.STOPPED
+    wait_until(one_done_and_the_next_midway, 900,
+               "one trial finished and the next one's first phase-2 checkpoint", interval=1)
+    # The driver itself (`python jobs/tune.py ...`), not the shell the job runs it from.
+    drivers = [p for p in descendants(head.proc.pid)
+               if _cmdline(p).split(b"\0")[1:2] == [b"jobs/tune.py"]]
+    assert len(drivers) == 1, drivers
+    os.kill(drivers[0], signal.SIGKILL)
+    assert head.wait(first, 300, on_poll=sample) == JobStatus.FAILED
     before = trial_rows()
+    finished = [n for n, r in before.items() if len(r) == 4]
     # A trial's rows start with the shared phase 1's (its history came with that checkpoint).
-    assert len(before) == 1 and len(next(iter(before.values()))) < 4, before
+    assert len(finished) == 1 and len(before) == 2, before
+    starts = len(runs.read_worker_starts(storage.join(exp, runs.TRIALS, finished[0])))
     assert "sweeps/team-a/e2e/best.json" not in _keys(bucket)
 
     submitted = time.monotonic()
@@ -226,8 +245,8 @@ def test_a_sweep_stopped_and_submitted_again_with_resume_lands_in_s3(head, workd
     status = head.wait(job, 1200, on_poll=sample)
     logs = head.client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    with capsys.disabled():  # a figure for README's fault table (pytest -s shows it)
-        print(f"FAULT sweep stopped: the resubmitted sweep finished "
+    with capsys.disabled():  # a figure for the fault table (pytest -s shows it)
+        print(f"FAULT sweep driver killed: the resubmitted sweep finished "
               f"{time.monotonic() - submitted:.1f} s after its submission")
     assert "best trial trial-" in logs
     assert "phase 1: already done" in logs, logs[-3000:]
@@ -235,9 +254,13 @@ def test_a_sweep_stopped_and_submitted_again_with_resume_lands_in_s3(head, workd
     assert len(after) == len(lrs)
     for name, rows in after.items():
         assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1), (2, 2)], name
-    # Every trial starts from phase 1's checkpoint; the stopped one once more, from its own.
-    stopped = next(iter(before))
-    restored = [r["restored_from"] for r in after[stopped] if "restored_from" in r]
+    # The finished trial was not trained again: the same rows, no new worker start.
+    assert after[finished[0]] == before[finished[0]]
+    assert len(runs.read_worker_starts(storage.join(exp, runs.TRIALS, finished[0]))) == starts
+    # Every trial starts from phase 1's checkpoint; the interrupted one once more, from its
+    # own.
+    (killed,) = set(after) - set(finished)
+    restored = [r["restored_from"] for r in after[killed] if "restored_from" in r]
     assert len(restored) == 2 and (restored[1]["phase"], restored[1]["epoch"]) >= (2, 0)
     assert len(runs.read_metrics(storage.join(exp, "phase1"))) == 1
 
