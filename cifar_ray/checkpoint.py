@@ -287,7 +287,9 @@ def whole(state: dict, where: str) -> dict:
 #           these, and so must a run resumed by name;
 #   recipe  the rest of what a run computes: a run resumed by name must share these too.
 FIELDS = {
-    "data": "how", "storage": "how", "workers": "how", "use_gpu": "how",
+    # The world size is "how": the global batch and the steps per epoch do not depend on it.
+    "data": "how", "storage": "how", "workers": "how", "min_workers": "how",
+    "resize_check_s": "how", "use_gpu": "how",
     "cpus_per_worker": "how", "gpus_per_worker": "how", "compile": "how",
     "keep_checkpoints": "how", "checkpoint_upload": "how", "max_failures": "how",
     "storage_retry_s": "how", "resource_timeout_s": "how", "mlflow_tracking_uri": "how",
