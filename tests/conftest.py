@@ -225,6 +225,62 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def cmdline(pid: int) -> list[bytes]:
+    """A process's argv ([] once it has ended)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def alive(pids: set[int]) -> list[int]:
+    """Those of `pids` still running (not zombies: a zombie is its parent's to reap)."""
+    out = []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+def stop_ray_start(proc: subprocess.Popen, log) -> None:
+    """End a `ray start --head --block` process and every process it started, and only those
+    (never `ray stop`, which stops every Ray instance of the machine's user): SIGTERM to it
+    (it stops its daemons), then to whatever outlived it (an autoscaler's nodes do), then
+    SIGKILL to what is left after a minute."""
+    started = descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    for p in alive(started):
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        wait_until(lambda: not alive(started), 60, "the cluster's processes to exit")
+    finally:
+        for p in alive(started):
+            os.kill(p, signal.SIGKILL)
+    assert not alive(started)
+
+
+def s3_keys(bucket: str, prefix: str = "") -> list[str]:
+    """The keys of every object in the bucket (under `prefix`), sorted."""
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                         Prefix=prefix)
+    return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
+
+
 def _ip(hex_addr: str) -> str:
     raw = bytes.fromhex(hex_addr)
     if len(raw) == 4:

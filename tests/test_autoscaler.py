@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import descendants, free_port, wait_until
+from conftest import cmdline, descendants, free_port, stop_ray_start, wait_until
 
 from cifar_ray import cluster, ray_internals, runs, storage
 from cifar_ray.config import TrainConfig
@@ -188,40 +188,10 @@ def autoscaling(s3_server):
         wait_until(autoscaler_reports, 180, "the autoscaler's first report", interval=1)
         yield driver_env
     finally:
-        started = descendants(proc.pid)  # the head's daemons and the autoscaler's nodes
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
         try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        # The autoscaler's nodes outlive the head (Ray's own AutoscalingCluster ends them
-        # with `ray stop --force`, every Ray process of the machine's user): ours, by pid.
-        for p in started:
-            try:
-                os.kill(p, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        try:
-            wait_until(lambda: not _alive(started), 60, "the cluster's processes to exit")
+            stop_ray_start(proc, log)  # the head's daemons and the autoscaler's nodes
         finally:
-            for p in _alive(started):  # whatever is left of ours, and only ours
-                os.kill(p, signal.SIGKILL)
             shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not _alive(started)
-
-
-def _alive(pids: set[int]) -> list[int]:
-    """Those of `pids` still running (not zombies: a zombie is its parent's to reap)."""
-    out = []
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    out.append(p)
-        except OSError:
-            pass
-    return out
 
 
 def _job(env: dict, s3_data: str, bucket: str, name: str, *flags: str):
@@ -246,24 +216,8 @@ def _flags(s3_data: str, bucket: str, name: str) -> list[str]:
 def _raylets(head_pid: int) -> dict[int, bool]:
     """The cluster's raylets (the head's and one per node the autoscaler launched): pid ->
     whether a Ray Train worker runs under it."""
-    out = {}
-    for pid in descendants(head_pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if not f.read().split(b"\0")[0].endswith(b"/raylet"):
-                    continue
-        except OSError:
-            continue
-        out[pid] = any(_cmdline_has(p, b"RayTrainWorker") for p in descendants(pid))
-    return out
-
-
-def _cmdline_has(pid: int, needle: bytes) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return needle in f.read()
-    except OSError:
-        return False
+    return {pid: any(b"RayTrainWorker" in b" ".join(cmdline(p)) for p in descendants(pid))
+            for pid in descendants(head_pid) if cmdline(pid)[0].endswith(b"/raylet")}
 
 
 def _rows(run: str) -> list[dict]:

@@ -29,7 +29,17 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import FAKE_KEY_ID, FAKE_SECRET, descendants, free_port, listeners, wait_until
+from conftest import (
+    FAKE_KEY_ID,
+    FAKE_SECRET,
+    cmdline,
+    descendants,
+    free_port,
+    listeners,
+    s3_keys,
+    stop_ray_start,
+    wait_until,
+)
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from cifar_ray import data, runs, storage
@@ -148,20 +158,9 @@ def head(s3_server):
         wait_until(jobs_api_up, 180, "the Ray head's jobs API")
         yield Head(proc, address, token, temp_dir, env)
     finally:
-        started = descendants(proc.pid)
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
         try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        try:
-            wait_until(lambda: not [p for p in started if os.path.exists(f"/proc/{p}")], 120,
-                       "the head's processes to exit")
+            stop_ray_start(proc, log)
         finally:
-            for p in started:  # whatever is left of ours, and only ours
-                if os.path.exists(f"/proc/{p}"):
-                    os.kill(p, signal.SIGKILL)
             shutil.rmtree(temp_dir, ignore_errors=True)
             shutil.rmtree(creds_dir, ignore_errors=True)
 
@@ -171,19 +170,6 @@ def _all_objects(bucket: str) -> dict[str, bytes]:
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
             for p in pages for o in p.get("Contents", [])}
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def _keys(bucket: str) -> set[str]:
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
-    return {o["Key"] for p in pages for o in p.get("Contents", [])}
 
 
 def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_what_finished(
@@ -229,7 +215,7 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_what_finished(
                "one trial finished and the next one's first phase-2 checkpoint", interval=1)
     # The driver itself (`python jobs/tune.py ...`), not the shell the job runs it from.
     drivers = [p for p in descendants(head.proc.pid)
-               if _cmdline(p).split(b"\0")[1:2] == [b"jobs/tune.py"]]
+               if cmdline(p)[1:2] == [b"jobs/tune.py"]]
     assert len(drivers) == 1, drivers
     os.kill(drivers[0], signal.SIGKILL)
     assert head.wait(first, 300, on_poll=sample) == JobStatus.FAILED
@@ -238,7 +224,7 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_what_finished(
     # A trial's rows start with the shared phase 1's (its history came with that checkpoint).
     assert len(finished) == 1 and len(before) == 2, before
     starts = len(runs.read_worker_starts(storage.join(exp, runs.TRIALS, finished[0])))
-    assert "sweeps/team-a/e2e/best.json" not in _keys(bucket)
+    assert "sweeps/team-a/e2e/best.json" not in s3_keys(bucket)
 
     submitted = time.monotonic()
     job = head.submit(workdir, *args, "--resume")
@@ -331,12 +317,12 @@ def test_a_stopped_job_submitted_again_resumes_where_it_stopped(head, workdir, s
             "--phase1-epochs", "1", "--phase2-epochs", "3", "--phase1-batch-size", "64",
             "--phase2-batch-size", "64", "--phase2-optimizer", "sgd", "--phase2-momentum", "0"]
     first = head.submit(workdir, *args)
-    wait_until(lambda: "runs/stopped/checkpoint-p1-e000/state.pt.sha256" in _keys(bucket),
+    wait_until(lambda: "runs/stopped/checkpoint-p1-e000/state.pt.sha256" in s3_keys(bucket),
                900, "phase 1's checkpoint")
     done = head.cli("job", "stop", "--address", head.address, first)
     assert done.returncode == 0, done.stdout + done.stderr
     assert head.wait(first, 300) == JobStatus.STOPPED
-    assert "runs/stopped/result.json" not in _keys(bucket)
+    assert "runs/stopped/result.json" not in s3_keys(bucket)
 
     submitted = time.monotonic()
     second = head.submit(workdir, *args)
@@ -354,7 +340,7 @@ def test_a_stopped_job_submitted_again_resumes_where_it_stopped(head, workdir, s
     assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0)] + [(2, e) for e in range(3)]
     restored = [r["restored_from"] for r in rows if "restored_from" in r]
     assert len(restored) == 1 and (restored[0]["phase"], restored[0]["epoch"]) >= (1, 0)
-    assert "runs/stopped/result.json" in _keys(bucket)
+    assert "runs/stopped/result.json" in s3_keys(bucket)
 
 
 def test_jobs_api_refuses_requests_without_the_token(head, workdir):

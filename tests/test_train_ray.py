@@ -28,6 +28,7 @@ from conftest import (
     descendants,
     fit_in_thread,
     listeners,
+    s3_keys,
     tensorboard_scalars,
     wait_until,
 )
@@ -47,12 +48,6 @@ from cifar_ray.config import PhaseConfig, TrainConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _keys(bucket: str, prefix: str) -> list[str]:
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket,
-                                                                         Prefix=prefix)
-    return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
 
 
 def _cfg(data_root: str, storage_root: str, name: str, **kw) -> TrainConfig:
@@ -117,7 +112,7 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result_and_tracks_it_i
     assert sum(s[3].startswith("ray::RayTrainWorker") for s in seen) >= 2, seen
     public = sorted(s for s in seen if not s[0].startswith(("127.", "::1", "::ffff:127.")))
     assert not public, f"listening beyond loopback (ip, port, pid, process): {public}"
-    keys = _keys(bucket, "runs/r1/")
+    keys = s3_keys(bucket, "runs/r1/")
     for name in ("config.json", "metrics.jsonl", "result.json"):
         assert f"runs/r1/{name}" in keys
     assert {"runs/r1/checkpoint-p1-e000/state.pt", "runs/r1/checkpoint-p2-e000/state.pt",
@@ -163,7 +158,7 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result_and_tracks_it_i
     # Everything written is under --storage (runs/): no marker objects above it. And no
     # credential (S3's or MLflow's, both in every process's environment) in any object,
     # checkpoints and weights included.
-    everything = _keys(bucket, "")
+    everything = s3_keys(bucket, "")
     assert all(k.startswith("runs/") for k in everything), everything
     s3 = boto3.client("s3")
     for key in everything:
@@ -207,7 +202,7 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result_and_tracks_it_i
     # Running the finished name again is refused, and nothing stored changes.
     with pytest.raises(runs.RunExistsError, match="finished run"):
         train.fit(cfg)
-    assert _keys(bucket, "runs/r1/") == keys
+    assert s3_keys(bucket, "runs/r1/") == keys
 
 
 def _worker_pids() -> list[int]:
@@ -241,7 +236,7 @@ def test_training_goes_on_while_a_checkpoint_upload_rides_out_a_storage_outage(
     cfg = _cfg(s3_data, root, "outage", max_failures=0, storage_retry_s=150,
                phase2=PhaseConfig(epochs=3, lr=1e-3, optimizer="sgd", batch_size=64))
     t, out = fit_in_thread(cfg)
-    wait_until(lambda: "runs/outage/metrics.jsonl" in _keys(bucket, "runs/outage/"), 600,
+    wait_until(lambda: "runs/outage/metrics.jsonl" in s3_keys(bucket, "runs/outage/"), 600,
                "the first epoch's metrics row")
     cut = time.monotonic()
     s3_proxy.cut()
@@ -256,7 +251,7 @@ def test_training_goes_on_while_a_checkpoint_upload_rides_out_a_storage_outage(
         # The upload in flight is still waiting for storage: epoch 1's checkpoint is not
         # stored yet (only the first checkpoint and its backbone are).
         assert not any(k.startswith("runs/outage/checkpoint-p2-") for k in
-                       _keys(bucket, "runs/outage/"))
+                       s3_keys(bucket, "runs/outage/"))
     finally:
         s3_proxy.restore()
     with capfd.disabled():  # a figure for the fault table (pytest -s shows it)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import FAKE_KEY_ID, FAKE_SECRET
+from conftest import FAKE_KEY_ID, FAKE_SECRET, s3_keys
 from PIL import Image
 
 from cifar_ray import cluster, ray_internals, results, runs, storage, timeline, tune
@@ -129,7 +129,7 @@ def test_asha_sweep_on_s3_runs_phase1_once_tracks_each_trial_in_mlflow_and_inspe
     # into every trial's runtime env, which Ray's runtime-env agent logs in clear) nor in
     # any object of the sweep.
     written = [(k, boto3.client("s3").get_object(Bucket=bucket, Key=k)["Body"].read())
-               for k in _keys(bucket, "sweeps/sw/")]
+               for k in s3_keys(bucket, "sweeps/sw/")]
     for root, _, files in os.walk(ray_internals.session_dir()):
         for f in files:
             path = os.path.join(root, f)
@@ -143,10 +143,6 @@ def test_asha_sweep_on_s3_runs_phase1_once_tracks_each_trial_in_mlflow_and_inspe
             assert secret.encode() not in blob, f"{secret} found in {name}"
 
 
-def _keys(bucket: str, prefix: str) -> list[str]:
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket,
-                                                                         Prefix=prefix)
-    return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
 def test_bad_sweeps_fail_before_any_trial(s3_data, tmp_path):
     too_big = _sweep_cfg(s3_data, str(tmp_path), "big")
     too_big = dataclasses.replace(too_big, train=dataclasses.replace(
