@@ -123,7 +123,6 @@ def test_asha_sweep_on_s3_runs_phase1_once_tracks_each_trial_in_mlflow_and_inspe
             im.load()
             assert im.size == (800, 600), png
 
-
     # Credentials: the fake keys are in this process's environment, as a user's exported
     # keys would be; none of them is in any file of Ray's session folder (Tune copied them
     # into every trial's runtime env, which Ray's runtime-env agent logs in clear) nor in
