@@ -36,7 +36,8 @@ RayInternalsError naming it and this file.
    (what ray.cluster_utils.AutoscalingCluster uses) from the installed wheel, and
    fake_head_node_id(), the head's id that provider expects.
 12. BoundedElasticWait, RestartWaitExceeded: a controller callback on Train's control-loop
-   states that bounds an elastic run's wait for room (Train's own waits without limit).
+   states that bounds an elastic run's wait for room (Train's own waits without limit); for
+   its test, controller_state().
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ def fake_head_node_id() -> str:
 _ControllerCallback = _private("ray.train.v2._internal.execution.callback",
                                "ControllerCallback")
 # A group trains (or finishes training) in these; in the others the run waits for one.
-_TRAINING = tuple(_private("ray.train.v2._internal.execution.controller.state", name)
+_STATES = "ray.train.v2._internal.execution.controller.state"
+_TRAINING = tuple(_private(_STATES, name)
                   for name in ("RunningState", "PreemptingState", "ShuttingDownState"))
 
 
@@ -256,17 +258,22 @@ class BoundedElasticWait(_ControllerCallback):
     worker group: starting, waiting for room after a loss, placing a group (a placement that
     times out is retried, see train.build_trainer), resizing."""
 
-    def __init__(self, wait_s: float):
-        self.wait_s, self.since = wait_s, None
-
-    def after_controller_state_update(self, previous_state, current_state) -> None:
+    def __init__(self, wait_s: float, clock=None):
         import time
 
+        self.wait_s, self.since, self.clock = wait_s, None, clock or time.monotonic
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
         if isinstance(current_state, _TRAINING) or current_state.is_terminal():
             self.since = None
             return
-        now = time.monotonic()
+        now = self.clock()
         self.since = now if self.since is None else self.since
         if now - self.since > self.wait_s:
             raise RestartWaitExceeded(f"no running worker group for {now - self.since:.0f} s "
                                       f"(at most {self.wait_s:g} s)")
+
+
+def controller_state(name: str, *args):
+    """For tests: Train's controller state `name` (what BoundedElasticWait is given)."""
+    return _private(_STATES, name)(*args)

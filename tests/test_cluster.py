@@ -115,3 +115,35 @@ def test_tune_copies_no_aws_credential_into_a_trials_runtime_env():
 
     ray_internals.keep_secrets_out_of_trial_envs()
     assert not set(ray_internals.AWS_SECRETS) & class_cache.ENV_VARS_TO_PROPAGATE
+
+
+def test_an_elastic_run_stops_waiting_once_it_has_gone_the_wait_without_a_running_group():
+    """Train's elastic policy waits for room without limit; our controller callback ends the
+    run once `wait_s` has passed without a running group (Train's own states fed to it)."""
+    now = [0.0]
+    wait = ray_internals.BoundedElasticWait(60, clock=lambda: now[0])
+    running = ray_internals.controller_state("RunningState")
+    restarting = ray_internals.controller_state("RestartingState", None)
+    wait.after_controller_state_update(None, running)
+    for t in (100.0, 130.0, 160.0):  # lost its node at 100: waiting, within the minute
+        now[0] = t
+        wait.after_controller_state_update(running, restarting)
+    now[0] = 170.0  # trains again: the clock starts over at the next wait
+    wait.after_controller_state_update(restarting, running)
+    for t in (200.0, 259.0):
+        now[0] = t
+        wait.after_controller_state_update(running, restarting)
+    now[0] = 261.0
+    with pytest.raises(ray_internals.RestartWaitExceeded, match="for 61 s"):
+        wait.after_controller_state_update(restarting, restarting)
+
+
+def test_a_restart_waits_for_a_replacement_only_where_something_can_bring_one():
+    from cifar_ray import train
+    from cifar_ray.config import TrainConfig
+
+    # An autoscaler: a cold node takes minutes. A fixed cluster: a node restarted by hand
+    # rejoins in seconds, one that is gone never comes.
+    assert train.restart_wait_s(TrainConfig(), can_grow=True) == 900
+    assert train.restart_wait_s(TrainConfig(), can_grow=False) == 120
+    assert train.restart_wait_s(TrainConfig(resource_timeout_s=5), can_grow=False) == 10
