@@ -198,9 +198,8 @@ def test_a_mid_epoch_checkpoint_resumes_at_another_world_size(tiny, tmp_path):
     from conftest import free_port
 
     cfg = _cfg(phase2=PhaseConfig(epochs=2, lr=1e-4, batch_size=64, augment=True))
-    _, plain, _ = _run(cfg, tiny)
-    asked = []
-    _, _, states = _run(cfg, tiny, notice=lambda: asked.append(1) or len(asked) == 8)
+    asked = []  # one worker's run, noticed at phase 2's second step (its history: `plain`)
+    _, plain, states = _run(cfg, tiny, notice=lambda: asked.append(1) or len(asked) == 8)
     jit = next(s for s in states if "step" in s)
     out = tmp_path / "history.pt"
     torch.multiprocessing.spawn(_resume_on_two_ranks, args=(free_port(), cfg, jit, str(out)),
