@@ -202,7 +202,13 @@ def fit_in_thread(cfg):
 
     t = threading.Thread(target=target, daemon=True)
     t.start()
+    _FITTING.append(t)
     return t, out
+
+
+# Runs started by fit_in_thread: one still going when its test ends (a failed assertion mid-
+# run) would hold the CPUs the next test needs (ray_local stops it).
+_FITTING: list[threading.Thread] = []
 
 
 def descendants(pid: int) -> set[int]:
@@ -499,7 +505,10 @@ def ray_local(_shared_ray, request):
     import ray
 
     _shared_ray.local(fresh=request.node.get_closest_marker("fresh_ray") is not None)
-    return ray
+    yield ray
+    if any(t.is_alive() for t in _FITTING):  # the test ended with its run still going
+        _shared_ray.stop()  # its driver gone, Ray ends the run; the next test gets a fresh one
+    _FITTING.clear()
 
 
 @pytest.fixture(scope="session")
