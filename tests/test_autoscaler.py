@@ -221,13 +221,6 @@ def _raylets(head_pid: int) -> dict[int, bool]:
             if b"".join(cmdline(pid)[:1]).endswith(b"/raylet")}  # [] once it has ended
 
 
-def _rows(run: str) -> list[dict]:
-    key = storage.join(run, "metrics.jsonl")
-    if not storage.exists(key):
-        return []
-    return [json.loads(r) for r in storage.read_bytes(key).decode().splitlines()]
-
-
 @pytest.mark.ray
 def test_a_job_on_an_empty_cluster_waits_trains_through_a_lost_node_and_leaves_no_node_up(
         autoscaling, s3_data, bucket, tmp_path):
@@ -291,7 +284,7 @@ def test_a_job_on_an_empty_cluster_waits_trains_through_a_lost_node_and_leaves_n
     assert waits and all("CPU: need 2, cluster has" in ln for ln in waits), waits
     assert any("cpu_1x" in ln for ln in waits), waits
     assert any("the cluster has room for --workers 2" in ln for ln in lines), lines[-40:]
-    rows = _rows(run)
+    rows = runs.read_metrics(run)
     assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0)] + [(2, e) for e in range(4)]
     after = [r for r in rows if r["finished_at"] > killed]
     assert "restored_from" in after[0] and all(r["workers"] == 2 for r in rows), rows

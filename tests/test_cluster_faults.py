@@ -10,7 +10,6 @@ joins some seconds later, as an autoscaler would bring one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -86,11 +85,6 @@ def _cfg(s3_data: str, bucket: str, name: str, epochs: int, **kw) -> TrainConfig
                        **kw)
 
 
-def _rows(run: str) -> list[dict]:
-    return [json.loads(r) for r in storage.read_bytes(storage.join(run, "metrics.jsonl"))
-            .decode().splitlines()]
-
-
 def _in_phase2(run: str, nodes) -> object:
     """Once phase 2's first epoch is stored (so its second is in flight): a worker node
     that hosts a training worker."""
@@ -151,13 +145,14 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_that_s
     killed = time.monotonic()
     _kill_node(victim)
     nodes.worker_nodes.discard(victim)
-    wait_until(lambda: "error" in out or any("restored_from" in r for r in _rows(run)), 900,
+    wait_until(lambda: "error" in out or any("restored_from" in r
+                                             for r in runs.read_metrics(run)), 900,
                "the resumed epoch")
     print(f"FAULT preemption notice: the resumed epoch stored {time.monotonic() - killed:.1f} "
           "s after the kill")
     t.join(timeout=1200)
     assert not t.is_alive() and "error" not in out, out.get("error")
-    final = _rows(run)
+    final = runs.read_metrics(run)
     assert [(r["phase"], r["epoch"]) for r in final] == [(1, 0)] + [(2, e) for e in range(2)]
     restored = [r["restored_from"] for r in final if "restored_from" in r]
     progress = checkpoint.progress(jit)
@@ -210,8 +205,9 @@ def test_a_lost_node_stops_a_fixed_run_and_an_elastic_one_goes_on_and_grows_back
     t, out = fit_in_thread(elastic)
     # Train sizes the group from a view of the nodes refreshed every 20 s: it may start on
     # one worker and grow; the node is lost once it trains on two.
-    wait_until(lambda: "error" in out or [r for r in _rows(run) if r["finished_at"] > resumed
-                                          and r["workers"] == 2], 900,
+    wait_until(lambda: "error" in out or [r for r in runs.read_metrics(run)
+                                          if r["finished_at"] > resumed and r["workers"] == 2],
+               900,
                "the resumed run training on two workers")
     victim = wait_until(lambda: _train_worker_nodes(nodes), 60,
                         "a node hosting a training worker")[0]
@@ -220,7 +216,8 @@ def test_a_lost_node_stops_a_fixed_run_and_an_elastic_one_goes_on_and_grows_back
     nodes.worker_nodes.discard(victim)
 
     def rows_at(world: int) -> list[dict]:
-        return [r for r in _rows(run) if r["finished_at"] > killed and r["workers"] == world]
+        return [r for r in runs.read_metrics(run)
+                if r["finished_at"] > killed and r["workers"] == world]
 
     wait_until(lambda: "error" in out or rows_at(1), 600, "an epoch on the survivor")
     assert "error" not in out, out.get("error")
@@ -229,7 +226,7 @@ def test_a_lost_node_stops_a_fixed_run_and_an_elastic_one_goes_on_and_grows_back
     wait_until(lambda: "error" in out or rows_at(2), 600, "an epoch on two workers again")
     t.join(timeout=1200)
     assert not t.is_alive() and "error" not in out, out.get("error")
-    final = _rows(run)
+    final = runs.read_metrics(run)
     assert [(r["phase"], r["epoch"]) for r in final] == [(1, 0)] + [(2, e) for e in range(8)]
     sizes = [r["workers"] for r in final]
     shrunk = next(i for i, r in enumerate(final) if r["finished_at"] > killed)

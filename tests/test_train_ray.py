@@ -218,11 +218,6 @@ def _worker_pids() -> list[int]:
     return pids
 
 
-def _rows(uri: str) -> list[dict]:
-    return [json.loads(x) for x in storage.read_bytes(storage.join(uri, "metrics.jsonl"))
-            .decode().splitlines()]
-
-
 def test_training_goes_on_while_a_checkpoint_upload_rides_out_a_storage_outage(
         s3_data, bucket, s3_proxy, capfd):
     """Every connection to the run's storage is reset from the moment the first epoch's row
@@ -264,7 +259,7 @@ def test_training_goes_on_while_a_checkpoint_upload_rides_out_a_storage_outage(
               f"training went on through it")
     t.join(timeout=1200)
     assert not t.is_alive() and "error" not in out, out.get("error")
-    rows = _rows(cfg.run_uri())
+    rows = runs.read_metrics(cfg.run_uri())
     assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1), (2, 2)]
     assert not any("restored_from" in r for r in rows)
 
@@ -294,13 +289,13 @@ def test_a_failed_run_resumes_by_name_and_a_killed_worker_restarts_it_from_its_c
     # Same name, same recipe: resumes. --max-failures is not part of the recipe: one restart
     # is allowed now, and a worker is killed once the resumed run has stored an epoch.
     t, out = fit_in_thread(dataclasses.replace(cfg, max_failures=1))
-    wait_until(lambda: any("restored_from" in r for r in _rows(cfg.run_uri()))
+    wait_until(lambda: any("restored_from" in r for r in runs.read_metrics(cfg.run_uri()))
                or not t.is_alive(), 600, "the resumed run's first epoch")
     os.kill(wait_until(_worker_pids, 120, "a RayTrainWorker process")[0], signal.SIGKILL)
     t.join(timeout=1200)
     assert not t.is_alive() and "error" not in out, out.get("error")
     summary = out["summary"]
-    rows = _rows(cfg.run_uri())
+    rows = runs.read_metrics(cfg.run_uri())
     assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (2, 1), (2, 2)]
     restored = [i for i, r in enumerate(rows) if "restored_from" in r]
     # Two restores, the resume by name and the killed worker's restart; the restart
@@ -323,7 +318,7 @@ def test_a_failed_run_resumes_by_name_and_a_killed_worker_restarts_it_from_its_c
         train.fit(cfg)
     train.fit(dataclasses.replace(cfg, overwrite=True, phase2=dataclasses.replace(
         cfg.phase2, epochs=1)))
-    rows = _rows(cfg.run_uri())
+    rows = runs.read_metrics(cfg.run_uri())
     assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0)]
     assert not any("restored_from" in r for r in rows)
 
