@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -238,6 +239,24 @@ def cmdline(pid: int) -> list[bytes]:
             return f.read().split(b"\0")
     except OSError:
         return []
+
+
+def hosts_train_worker(pid: int) -> bool:
+    """Whether a Ray Train worker runs below `pid` (a node's raylet)."""
+    return any(b"RayTrainWorker" in b" ".join(cmdline(p)) for p in descendants(pid))
+
+
+def copy_tracked_files(root: Path) -> Path:
+    """The repository's tracked files copied under `root`, as a fresh clone has them
+    (whatever else this checkout has lying around): what a job's --working-dir ships."""
+    repo = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    for name in filter(None, tracked):
+        if (repo / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, root / name)
+    return root
 
 
 def alive(pids: set[int]) -> list[int]:

@@ -29,7 +29,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cmdline, descendants, free_port, stop_ray_start, wait_until
+from conftest import (
+    cmdline,
+    copy_tracked_files,
+    descendants,
+    free_port,
+    hosts_train_worker,
+    stop_ray_start,
+    wait_until,
+)
 
 from cifar_ray import cluster, ray_internals, runs, storage
 from cifar_ray.config import TrainConfig
@@ -216,8 +224,7 @@ def _flags(s3_data: str, bucket: str, name: str) -> list[str]:
 def _raylets(head_pid: int) -> dict[int, bool]:
     """The cluster's raylets (the head's and one per node the autoscaler launched): pid ->
     whether a Ray Train worker runs under it."""
-    return {pid: any(b"RayTrainWorker" in b" ".join(cmdline(p)) for p in descendants(pid))
-            for pid in descendants(head_pid)
+    return {pid: hosts_train_worker(pid) for pid in descendants(head_pid)
             if b"".join(cmdline(pid)[:1]).endswith(b"/raylet")}  # [] once it has ended
 
 
@@ -232,13 +239,7 @@ def test_a_job_on_an_empty_cluster_waits_trains_through_a_lost_node_and_leaves_n
     succeeds with every epoch recorded once, and once idle the nodes are released."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    checkout = tmp_path / "checkout"  # the repository's tracked files, as a clone has them
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
-                             check=True).stdout.decode().split("\0")
-    for name in filter(None, tracked):
-        if (REPO / name).is_file():
-            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, checkout / name)
+    checkout = copy_tracked_files(tmp_path / "checkout")
     head = int(autoscaling["CIFAR_RAY_HEAD_PID"])
     client = JobSubmissionClient(autoscaling["CIFAR_RAY_DASHBOARD"], headers={
         "Authorization": f"Bearer {autoscaling['RAY_AUTH_TOKEN']}"})

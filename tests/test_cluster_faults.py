@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from conftest import descendants, fit_in_thread, free_port, wait_until
+from conftest import descendants, fit_in_thread, free_port, hosts_train_worker, wait_until
 
 from cifar_ray import checkpoint, cluster, ray_internals, runs, storage
 from cifar_ray.config import PhaseConfig, TrainConfig
@@ -51,16 +51,8 @@ def nodes(s3_server):
 
 def _train_worker_nodes(cluster) -> list:
     """The worker nodes that host a RayTrainWorker now."""
-    def hosts(node) -> bool:
-        for pid in descendants(ray_internals.raylet_pid(node)):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"RayTrainWorker" in f.read():
-                        return True
-            except OSError:
-                pass
-        return False
-    return [n for n in cluster.worker_nodes if hosts(n)]
+    return [n for n in cluster.worker_nodes
+            if hosts_train_worker(ray_internals.raylet_pid(n))]
 
 
 def _kill_node(node) -> None:

@@ -33,6 +33,7 @@ from conftest import (
     FAKE_KEY_ID,
     FAKE_SECRET,
     cmdline,
+    copy_tracked_files,
     descendants,
     free_port,
     listeners,
@@ -96,13 +97,7 @@ def workdir(tmp_path_factory):
     """A checkout as a user has it: the repository's tracked files (what a fresh clone holds,
     whatever else this checkout has lying around) plus PLANTED folders. env/ holds 101 MiB of
     incompressible bytes: more than the jobs API accepts (413), had it travelled."""
-    root = tmp_path_factory.mktemp("checkout")
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
-                             check=True).stdout.decode().split("\0")
-    for name in tracked:
-        if name and (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
+    root = copy_tracked_files(tmp_path_factory.mktemp("checkout"))
     for d in PLANTED:
         (root / d).mkdir()
         (root / d / "pyvenv.cfg").write_text("home = /usr/bin\n")
