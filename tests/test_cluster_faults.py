@@ -77,12 +77,11 @@ def _cfg(s3_data: str, bucket: str, name: str, epochs: int, **kw) -> TrainConfig
                        **kw)
 
 
-def _in_phase2(run: str, nodes) -> object:
-    """Once phase 2's first epoch is stored (so its second is in flight): a worker node
-    that hosts a training worker."""
-    wait_until(lambda: storage.exists(storage.join(run, "checkpoint-p2-e000",
-                                                   "state.pt.sha256")),
-               900, "phase 2's first checkpoint")
+def _in_phase2(run: str, nodes, stored: str = "checkpoint-p2-e000") -> object:
+    """Once the `stored` checkpoint is (phase 2's first epoch: its second is in flight;
+    phase 1's: phase 2's first is): a worker node that hosts a training worker."""
+    wait_until(lambda: storage.exists(storage.join(run, stored, "state.pt.sha256")),
+               900, f"checkpoint {stored}")
     return wait_until(lambda: _train_worker_nodes(nodes), 60,
                       "a node hosting a training worker")[0]
 
@@ -107,7 +106,7 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_that_s
     the middle of the same epoch), and the run resumes from that step. With --max-failures
     0: a notified preemption is not a failure (Ray counts it apart; a node lost before its
     deadline counts as a failure). Epochs of ~20 s here (2,536 images), so that the whole
-    notice fits inside one: phase 2's second and last."""
+    notice fits inside one: phase 2's first and only."""
     from cifar_ray import data
     from cifar_ray.config import PrepareConfig
 
@@ -115,11 +114,11 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_that_s
                                val_size=64, synthetic_size=2600))
     monkeypatch.setenv(ray_internals.PREEMPTION_WATCHER_ENV, "1")
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")  # Ray's default: 5 s
-    cfg = dataclasses.replace(_cfg(s3_data, bucket, "notice", epochs=2, max_failures=0,
+    cfg = dataclasses.replace(_cfg(s3_data, bucket, "notice", epochs=1, max_failures=0,
                                    resource_timeout_s=120), dataset="longer")
     t, out = fit_in_thread(cfg)
     run = cfg.run_uri()
-    victim = _in_phase2(run, nodes)
+    victim = _in_phase2(run, nodes, stored="checkpoint-p1-e000")
     _drain(nodes, victim, 300)
     noticed = time.monotonic()
 
@@ -145,13 +144,13 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_that_s
     t.join(timeout=1200)
     assert not t.is_alive() and "error" not in out, out.get("error")
     final = runs.read_metrics(run)
-    assert [(r["phase"], r["epoch"]) for r in final] == [(1, 0)] + [(2, e) for e in range(2)]
+    assert [(r["phase"], r["epoch"]) for r in final] == [(1, 0), (2, 0)]
     restored = [r["restored_from"] for r in final if "restored_from" in r]
     progress = checkpoint.progress(jit)
     assert len(restored) == 1 and "step" in restored[0], restored
     assert restored[0]["epoch"] == progress[1]  # in the epoch the notice came in
     assert (restored[0]["phase"], restored[0]["epoch"], restored[0]["step"]) >= progress
-    assert final[2]["restored_from"] == restored[0]
+    assert final[1]["restored_from"] == restored[0]
 
 
 def test_a_lost_node_stops_a_fixed_run_and_an_elastic_one_goes_on_and_grows_back(

@@ -31,7 +31,8 @@ def _sweep_cfg(data_root: str, storage_root: str, name: str, **kw) -> SweepConfi
                     # Plain SGD: no optimizer state, so the smallest checkpoints to upload.
                     phase2=PhaseConfig(epochs=2, lr=1e-3, optimizer="sgd", momentum=0.0,
                                        batch_size=64))
-    return SweepConfig(train=t, **{"lrs": [1e-4, 1e-3, 1e-2], **kw})
+    # Two LRs, one trial per CPU of the local instance: both run at once.
+    return SweepConfig(train=t, **{"lrs": [1e-3, 1e-2], **kw})
 
 
 def _trial_rows(exp: str) -> dict[str, list[dict]]:
@@ -56,14 +57,14 @@ def test_asha_sweep_on_s3_runs_phase1_once_tracks_each_trial_in_mlflow_and_inspe
     phase1_rows = runs.read_metrics(storage.join(exp, "phase1"))
     assert [(r["phase"], r["epoch"]) for r in phase1_rows] == [(1, 0)]
     rows = _trial_rows(exp)
-    assert len(rows) == 3
+    assert len(rows) == len(cfg.lrs)
     for name, trial in rows.items():
         assert [r for r in trial if r["phase"] == 1] == phase1_rows, name
         assert trial[1]["restored_from"] == {"phase": 1, "epoch": 0}
         assert not any(n.startswith("checkpoint-p1") for n in
                        storage.list_dir(storage.join(exp, "trials", name)))
-    assert best["phase1_epochs_saved"] == 2 and best["trials"] == 3
-    assert best["lr"] in (1e-4, 1e-3, 1e-2) and 0 <= best["evaluated_acc"] <= 1
+    assert best["phase1_epochs_saved"] == 1 and best["trials"] == 2
+    assert best["lr"] in (1e-3, 1e-2) and 0 <= best["evaluated_acc"] <= 1
     assert json.loads(storage.read_bytes(storage.join(exp, "best.json"))) == best
     # best.json and a run's result.json name the same things alike.
     result = runs.read_json(storage.join(exp, "phase1", "result.json"))
@@ -97,9 +98,8 @@ def test_asha_sweep_on_s3_runs_phase1_once_tracks_each_trial_in_mlflow_and_inspe
     mexp = client.get_experiment_by_name("sw")
     found = {r.info.run_name: r for r in client.search_runs([mexp.experiment_id])}
     trials = sorted(n for n in found if n.startswith("trial-"))
-    assert len(trials) == 3 and runs.PHASE1 in found, sorted(found)
-    assert sorted(found[n].data.params["phase2.lr"] for n in trials) == [
-        "0.0001", "0.001", "0.01"]
+    assert len(trials) == 2 and runs.PHASE1 in found, sorted(found)
+    assert sorted(found[n].data.params["phase2.lr"] for n in trials) == ["0.001", "0.01"]
     assert found[best["trial"]].data.metrics["test_acc"] == pytest.approx(
         best["evaluated_acc"])
     assert all(found[n].data.metrics["val_acc"] >= 0 for n in trials)
@@ -112,7 +112,7 @@ def test_asha_sweep_on_s3_runs_phase1_once_tracks_each_trial_in_mlflow_and_inspe
     capsys.readouterr()
     assert cli(["inspect", exp, "--plots", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out
-    assert sum(line.lstrip("* ").startswith("trial-") for line in out.splitlines()) == 3
+    assert sum(line.lstrip("* ").startswith("trial-") for line in out.splitlines()) == 2
     assert cli(["inspect", exp, "--json"]) == 0
     parsed = json.loads(capsys.readouterr().out)
     assert parsed["best"]["lr"] == best["lr"]
