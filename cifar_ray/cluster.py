@@ -191,12 +191,23 @@ def autoscaler_activity(status, now: float | None = None,
     return "; ".join(parts) or "nothing pending"
 
 
+# Autoscaler v2 tries a node type that failed to launch again within seconds, and again,
+# without end: a job stops waiting once the type has failed this often during its wait.
+LAUNCH_TRIES = 3
+
+
 def launch_failure(status, since: float):
     """The newest launch the autoscaler reports failed at or after `since` (wall-clock s),
-    when it has nothing else pending or starting that could still bring the nodes (another
-    node type, a retry); else None."""
+    once nothing else can still bring the nodes: no node starting, no launch of another node
+    type pending, and no retry of the failed types either, unless they have failed
+    LAUNCH_TRIES times already; else None."""
     failed = [r for r in status.failed_launches if (r.failed_ts_s or r.request_ts_s) >= since]
-    if not failed or status.pending_launches or status.pending_nodes:
+    if not failed or status.pending_nodes:
+        return None
+    kinds = {r.ray_node_type_name for r in failed}
+    if any(r.ray_node_type_name not in kinds for r in status.pending_launches):
+        return None
+    if status.pending_launches and sum(r.count for r in failed) < LAUNCH_TRIES:
         return None
     return max(failed, key=lambda r: r.failed_ts_s or r.request_ts_s)
 

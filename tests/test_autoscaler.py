@@ -83,13 +83,22 @@ def test_a_launch_failure_stops_the_wait_only_when_nothing_else_can_bring_nodes(
     assert cluster.launch_failure(_status(failed_launches=[failed]), since=990) is failed
     # Before this job's wait began: another job's, not ours.
     assert cluster.launch_failure(_status(failed_launches=[failed]), since=1010) is None
-    # The autoscaler is trying something else (another type, a retry): keep waiting.
+    # The autoscaler is trying something else (another type, a node starting): keep waiting.
     assert cluster.launch_failure(_status(failed_launches=[failed],
                                           pending_launches=[_launch("gpu_4x", 1, 1006)]),
                                   since=990) is None
     assert cluster.launch_failure(_status(failed_launches=[failed],
-                                          pending_nodes=[_node("gpu_4x", "i-3")]),
+                                          pending_nodes=[_node("gpu_1x", "i-3")]),
                                   since=990) is None
+    # It retries the failed type (v2 does, every few seconds, without end): keep waiting
+    # until the type has failed LAUNCH_TRIES times.
+    retry = _launch("gpu_1x", 1, 1007)
+    tries = [_launch("gpu_1x", 1, 1000 + i, "FAILED", error, failed_ts=1001 + i)
+             for i in range(cluster.LAUNCH_TRIES)]
+    assert cluster.launch_failure(_status(failed_launches=tries[:-1],
+                                          pending_launches=[retry]), since=990) is None
+    assert cluster.launch_failure(_status(failed_launches=tries,
+                                          pending_launches=[retry]), since=990) is tries[-1]
     cfg = TrainConfig(workers=2, use_gpu=True, weights="none")
     msg = cluster.launch_failure_message(cfg, failed, "GPU: need 2, cluster has 0")
     assert "\n" not in msg
@@ -229,6 +238,21 @@ def _raylets(head_pid: int) -> dict[int, bool]:
 
 
 @pytest.mark.ray
+def test_a_node_type_that_cannot_launch_stops_the_wait_with_the_autoscalers_error(
+        autoscaling, s3_data, bucket):
+    # Only gpu_1x has GPUs: a --use-gpu job waits for that type alone, which the autoscaler
+    # tries again and again. (A wait that missed the failure would end at the timeout, with
+    # another message.)
+    rc, lines, took = _job(autoscaling, s3_data, bucket, "no-gpu-node", "--use-gpu",
+                           "--resource-timeout-s", "170")
+    errors = [ln for ln in lines if ln.startswith("cifar-ray train: error:")]
+    print("\n".join(lines), f"\nstopped after {took:.1f} s")
+    assert rc == 2 and len(errors) == 1, "\n".join(lines[-40:])
+    assert "the autoscaler could not launch 1 gpu_1x node(s)" in errors[0], errors
+    assert took < 180
+
+
+@pytest.mark.ray
 def test_a_job_on_an_empty_cluster_waits_trains_through_a_lost_node_and_leaves_no_node_up(
         autoscaling, s3_data, bucket, tmp_path):
     """Through the jobs API, as README's `ray job submit`: the job waits while the autoscaler
@@ -308,15 +332,3 @@ def test_a_job_on_an_empty_cluster_waits_trains_through_a_lost_node_and_leaves_n
     ended = time.time()
     wait_until(lambda: len(_raylets(head)) == 1, 300, "the idle nodes to be released")
     print(f"AUTOSCALER idle nodes released {time.time() - ended:.1f} s after the job ended")
-
-
-@pytest.mark.ray
-def test_a_node_type_that_cannot_launch_stops_the_wait_with_the_autoscalers_error(
-        autoscaling, s3_data, bucket):
-    # Only gpu_1x has GPUs: a --use-gpu job waits for that type alone.
-    rc, lines, took = _job(autoscaling, s3_data, bucket, "no-gpu-node", "--use-gpu")
-    errors = [ln for ln in lines if ln.startswith("cifar-ray train: error:")]
-    print("\n".join(lines), f"\nstopped after {took:.1f} s")
-    assert rc == 2 and len(errors) == 1, "\n".join(lines[-40:])
-    assert "the autoscaler could not launch 1 gpu_1x node(s)" in errors[0], errors
-    assert took < 180
