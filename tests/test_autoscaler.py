@@ -4,7 +4,7 @@ autoscaler launches each node as a raylet on this machine), autoscaler v2 as `ra
 it since Ray 2.50. A job submitted through the jobs API waits, says what the autoscaler is
 launching and trains once the nodes have joined; a node killed mid-run is replaced by the
 autoscaler and the run resumes on it; the idle nodes go afterwards. A node type the provider
-fails to launch stops the wait at once with the autoscaler's error.
+keeps failing to launch stops the wait with the autoscaler's error.
 
     python -m pytest -q tests/test_autoscaler.py
 
