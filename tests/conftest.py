@@ -246,6 +246,16 @@ def hosts_train_worker(pid: int) -> bool:
     return any(b"RayTrainWorker" in b" ".join(cmdline(p)) for p in descendants(pid))
 
 
+def kill_node(raylet: int) -> None:
+    """A node lost as a spot instance is: SIGKILL to its raylet and every process under it,
+    by pid."""
+    for pid in descendants(raylet) | {raylet}:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def copy_tracked_files(root: Path) -> Path:
     """The repository's tracked files copied under `root`, as a fresh clone has them
     (whatever else this checkout has lying around): what a job's --working-dir ships."""

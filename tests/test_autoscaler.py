@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from conftest import (
     descendants,
     free_port,
     hosts_train_worker,
+    kill_node,
     stop_ray_start,
     wait_until,
 )
@@ -285,11 +285,7 @@ def test_a_job_on_an_empty_cluster_waits_trains_through_a_lost_node_and_leaves_n
     victim = wait_until(lambda: [p for p, w in _raylets(head).items() if w], 60,
                         "a node hosting a training worker")[0]
     killed = time.time()
-    for pid in descendants(victim) | {victim}:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_node(victim)
     replaced = {}
 
     def finished():

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import descendants, fit_in_thread, free_port, hosts_train_worker, wait_until
+from conftest import fit_in_thread, free_port, hosts_train_worker, kill_node, wait_until
 
 from cifar_ray import checkpoint, cluster, ray_internals, runs, storage
 from cifar_ray.config import PhaseConfig, TrainConfig
@@ -57,12 +56,7 @@ def _train_worker_nodes(cluster) -> list:
 
 def _kill_node(node) -> None:
     """SIGKILL the node's raylet and every process under it, by pid."""
-    raylet = ray_internals.raylet_pid(node)
-    for pid in descendants(raylet) | {raylet}:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_node(ray_internals.raylet_pid(node))
 
 
 def _cfg(s3_data: str, bucket: str, name: str, epochs: int, **kw) -> TrainConfig:
