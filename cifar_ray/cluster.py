@@ -82,7 +82,49 @@ def connect() -> bool:
         start_local_ray(log_to_driver=True)
         return True
     check_secrets(ray.get_runtime_context().runtime_env.get("env_vars") or {})
+    remove_orphaned_placement_groups()
     return False
+
+
+# What a placement group holds or asks for until it is removed.
+LIVE_PG_STATES = ("PENDING", "PREPARED", "CREATED", "RESCHEDULING")
+ENDED_JOB_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def orphaned_placement_groups(groups, jobs) -> list:
+    """Those of `groups` (the State API's PlacementGroupState) that Ray should have removed:
+    not detached, still holding or asking for resources, created by a job that has ended
+    (`jobs`: the State API's JobState)."""
+    ended = {j.job_id for j in jobs
+             if j.job_id and getattr(j.status, "value", j.status) in ENDED_JOB_STATES}
+    return [g for g in groups if not g.is_detached and g.state in LIVE_PG_STATES
+            and g.creator_job_id in ended]
+
+
+def remove_orphaned_placement_groups() -> int:
+    """Remove the placement groups of jobs that have ended. Ray removes a job's placement
+    groups when the job and their creator actor end, but one whose creation reaches Ray in
+    the moment between the two (a driver killed while Train or Tune is placing workers:
+    seen after a killed sweep driver) is never removed and holds its CPUs and GPUs until
+    the cluster stops: the next job waits for room that never comes. Returns how many."""
+    from ray.util.placement_group import PlacementGroup
+    from ray.util.state import list_jobs, list_placement_groups
+
+    try:
+        orphans = orphaned_placement_groups(
+            list_placement_groups(limit=10_000, detail=True, raise_on_missing_output=False),
+            list_jobs(limit=10_000, raise_on_missing_output=False))
+    except Exception as e:  # no dashboard (State API) on this cluster: nothing to clean
+        log.debug(f"placement groups not checked: {e}")
+        return 0
+    for g in orphans:
+        ray.util.remove_placement_group(
+            PlacementGroup(ray.PlacementGroupID(bytes.fromhex(g.placement_group_id))))
+        held = ", ".join(f"{k} {v:g}" for b in g.bundles
+                         for k, v in b["unit_resources"].items())
+        log.warning(f"removed placement group {g.placement_group_id} ({held}) of job "
+                    f"{g.creator_job_id}, which has ended: Ray had left it holding them")
+    return len(orphans)
 
 
 def check_secrets(job_env: dict) -> None:

@@ -372,13 +372,15 @@ def fit_trainer(cfg: TrainConfig, callbacks: list | None = None) -> None:
 
 
 def no_room_to_restart(cfg: TrainConfig) -> cluster.ResourceError:
+    """A worker group Train could not place in time: at a restart after lost workers, or at
+    the start when something took the room preflight saw."""
     short = cluster.shortfall(cfg)
     newest = checkpoint.newest_complete(cfg.run_uri())
     where = (f"its newest complete checkpoint, {storage.display(newest)}" if newest
              else "the start (no checkpoint was stored)")
     return cluster.ResourceError(
-        f"run {storage.display(cfg.run_uri())}: its workers were lost and --workers "
-        f"{show_workers(cfg)} could not be placed again within "
+        f"run {storage.display(cfg.run_uri())}: its workers (--workers {show_workers(cfg)}) "
+        f"could not be placed within "
         f"{restart_wait_s(cfg, cluster.can_grow()):g} s (--resource-timeout-s): "
         f"{cluster.describe_shortfall(short) or 'the cluster had room only after the wait'}. "
         f"Run the same command again once the cluster has room: it resumes from {where}.")

@@ -147,3 +147,23 @@ def test_a_restart_waits_for_a_replacement_only_where_something_can_bring_one():
     assert train.restart_wait_s(TrainConfig(), can_grow=True) == 900
     assert train.restart_wait_s(TrainConfig(), can_grow=False) == 120
     assert train.restart_wait_s(TrainConfig(resource_timeout_s=5), can_grow=False) == 10
+
+
+def test_only_live_placement_groups_of_ended_jobs_count_as_orphaned():
+    from ray.util.state.common import JobState, PlacementGroupState
+
+    def pg(pg_id: str, job: str, state: str = "CREATED", detached: bool = False):
+        return PlacementGroupState(placement_group_id=pg_id, name="", creator_job_id=job,
+                                   state=state, is_detached=detached)
+
+    jobs = [JobState(type="DRIVER", job_id="02000000", status="SUCCEEDED", entrypoint="a"),
+            JobState(type="SUBMISSION", job_id="03000000", submission_id="raysubmit_x",
+                     status="FAILED", entrypoint="b"),
+            JobState(type="DRIVER", job_id="04000000", status="RUNNING", entrypoint="c"),
+            JobState(type="SUBMISSION", job_id=None, submission_id="raysubmit_y",
+                     status="PENDING", entrypoint="d")]
+    groups = [pg("a", "02000000"), pg("b", "03000000", "PENDING"), pg("c", "04000000"),
+              pg("d", "02000000", "REMOVED"), pg("e", "02000000", detached=True),
+              pg("f", "05000000")]  # a job the State API does not list: left alone
+    assert [g.placement_group_id for g in cluster.orphaned_placement_groups(groups, jobs)
+            ] == ["a", "b"]

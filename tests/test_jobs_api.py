@@ -312,8 +312,13 @@ def test_a_stopped_job_submitted_again_resumes_where_it_stopped(head, workdir, s
             "--phase1-epochs", "1", "--phase2-epochs", "3", "--phase1-batch-size", "64",
             "--phase2-batch-size", "64", "--phase2-optimizer", "sgd", "--phase2-momentum", "0"]
     first = head.submit(workdir, *args)
-    wait_until(lambda: "runs/stopped/checkpoint-p1-e000/state.pt.sha256" in s3_keys(bucket),
-               900, "phase 1's checkpoint")
+
+    def phase1_stored() -> bool:
+        if head.client.get_job_status(first).is_terminal():  # fail now, with its logs
+            raise AssertionError(head.client.get_job_logs(first)[-4000:])
+        return "runs/stopped/checkpoint-p1-e000/state.pt.sha256" in s3_keys(bucket)
+
+    wait_until(phase1_stored, 900, "phase 1's checkpoint")
     done = head.cli("job", "stop", "--address", head.address, first)
     assert done.returncode == 0, done.stdout + done.stderr
     assert head.wait(first, 300) == JobStatus.STOPPED
