@@ -167,6 +167,47 @@ def _all_objects(bucket: str) -> dict[str, bytes]:
             for p in pages for o in p.get("Contents", [])}
 
 
+def test_a_stopped_job_submitted_again_resumes_where_it_stopped(head, workdir, s3_data,
+                                                                bucket):
+    """`ray job stop` mid-run (once phase 1's checkpoint is stored, all of phase 2 still to
+    run), then the very same `ray job submit`: the second job resumes from the first one's
+    latest checkpoint instead of starting over."""
+    args = ["python", "jobs/train.py", "--data", s3_data, "--dataset", "tiny", "--storage",
+            f"s3://{bucket}/runs", "--name", "stopped", "--workers", "2", "--weights", "none",
+            "--phase1-epochs", "1", "--phase2-epochs", "3", "--phase1-batch-size", "64",
+            "--phase2-batch-size", "64", "--phase2-optimizer", "sgd", "--phase2-momentum", "0"]
+    first = head.submit(workdir, *args)
+
+    def phase1_stored() -> bool:
+        if head.client.get_job_status(first).is_terminal():  # fail now, with its logs
+            raise AssertionError(head.client.get_job_logs(first)[-4000:])
+        return "runs/stopped/checkpoint-p1-e000/state.pt.sha256" in s3_keys(bucket)
+
+    wait_until(phase1_stored, 900, "phase 1's checkpoint")
+    done = head.cli("job", "stop", "--address", head.address, first)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert head.wait(first, 300) == JobStatus.STOPPED
+    assert "runs/stopped/result.json" not in s3_keys(bucket)
+
+    submitted = time.monotonic()
+    second = head.submit(workdir, *args)
+    def metrics() -> str:
+        return boto3.client("s3").get_object(Bucket=bucket, Key="runs/stopped/metrics.jsonl"
+                                             )["Body"].read().decode()
+
+    wait_until(lambda: "restored_from" in metrics() or head.client.get_job_status(second)
+               in (JobStatus.FAILED, JobStatus.STOPPED), 900, "the resumed job's first epoch")
+    print(f"FAULT job stopped: the resubmitted job's first epoch stored "
+          f"{time.monotonic() - submitted:.1f} s after its submission")
+    assert head.wait(second, 900) == JobStatus.SUCCEEDED, head.client.get_job_logs(second)
+    rows = [json.loads(x) for x in metrics().splitlines()]
+    # Phase 1 not run again, every epoch once, one restore from a stored checkpoint.
+    assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0)] + [(2, e) for e in range(3)]
+    restored = [r["restored_from"] for r in rows if "restored_from" in r]
+    assert len(restored) == 1 and (restored[0]["phase"], restored[0]["epoch"]) >= (1, 0)
+    assert "runs/stopped/result.json" in s3_keys(bucket)
+
+
 def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_what_finished(
         head, workdir, bucket, capsys):
     """A sweep through the jobs API, one trial at a time; its driver is killed (SIGKILL, by
@@ -176,7 +217,9 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_what_finished(
     interrupted one resumes from its own latest checkpoint; everything lands in the bucket
     under the configured prefixes, and nothing secret or public is left behind. (One sweep
     for all of it: a sweep through the jobs API takes minutes here. --smoke's own settings
-    and data: test_config.py.)"""
+    and data: test_config.py.) After the stopped job: Ray may leave a sliver of a killed
+    driver's CPU held (docs/faults.md), which one-worker trials do without and a two-worker
+    job would not."""
     lrs = ["1e-3", "1e-2"]
     data.prepare(PrepareConfig(source="synthetic", data=f"s3://{bucket}/datasets",
                                dataset="tiny", val_size=64, synthetic_size=320))
@@ -300,47 +343,6 @@ def test_use_gpu_on_a_cluster_without_gpus_fails_at_once(head, workdir, s3_data,
     logs = head.client.get_job_logs(job)
     assert "GPU: need 2, cluster has 0, and no autoscaler can add nodes" in logs, logs[-3000:]
     assert "drop --use-gpu" in logs
-
-
-def test_a_stopped_job_submitted_again_resumes_where_it_stopped(head, workdir, s3_data,
-                                                                bucket):
-    """`ray job stop` mid-run (once phase 1's checkpoint is stored, all of phase 2 still to
-    run), then the very same `ray job submit`: the second job resumes from the first one's
-    latest checkpoint instead of starting over."""
-    args = ["python", "jobs/train.py", "--data", s3_data, "--dataset", "tiny", "--storage",
-            f"s3://{bucket}/runs", "--name", "stopped", "--workers", "2", "--weights", "none",
-            "--phase1-epochs", "1", "--phase2-epochs", "3", "--phase1-batch-size", "64",
-            "--phase2-batch-size", "64", "--phase2-optimizer", "sgd", "--phase2-momentum", "0"]
-    first = head.submit(workdir, *args)
-
-    def phase1_stored() -> bool:
-        if head.client.get_job_status(first).is_terminal():  # fail now, with its logs
-            raise AssertionError(head.client.get_job_logs(first)[-4000:])
-        return "runs/stopped/checkpoint-p1-e000/state.pt.sha256" in s3_keys(bucket)
-
-    wait_until(phase1_stored, 900, "phase 1's checkpoint")
-    done = head.cli("job", "stop", "--address", head.address, first)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert head.wait(first, 300) == JobStatus.STOPPED
-    assert "runs/stopped/result.json" not in s3_keys(bucket)
-
-    submitted = time.monotonic()
-    second = head.submit(workdir, *args)
-    def metrics() -> str:
-        return boto3.client("s3").get_object(Bucket=bucket, Key="runs/stopped/metrics.jsonl"
-                                             )["Body"].read().decode()
-
-    wait_until(lambda: "restored_from" in metrics() or head.client.get_job_status(second)
-               in (JobStatus.FAILED, JobStatus.STOPPED), 900, "the resumed job's first epoch")
-    print(f"FAULT job stopped: the resubmitted job's first epoch stored "
-          f"{time.monotonic() - submitted:.1f} s after its submission")
-    assert head.wait(second, 900) == JobStatus.SUCCEEDED, head.client.get_job_logs(second)
-    rows = [json.loads(x) for x in metrics().splitlines()]
-    # Phase 1 not run again, every epoch once, one restore from a stored checkpoint.
-    assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0)] + [(2, e) for e in range(3)]
-    restored = [r["restored_from"] for r in rows if "restored_from" in r]
-    assert len(restored) == 1 and (restored[0]["phase"], restored[0]["epoch"]) >= (1, 0)
-    assert "runs/stopped/result.json" in s3_keys(bucket)
 
 
 def test_jobs_api_refuses_requests_without_the_token(head, workdir):
