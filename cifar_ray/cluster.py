@@ -272,6 +272,14 @@ def launch_failure_message(cfg: TrainConfig, failed, short_text: str) -> str:
             "or ask for fewer workers (--workers).")
 
 
+def this_machine_only() -> bool:
+    """Whether the connected cluster is this process's machine alone: one live node, ours,
+    and nothing that can add others."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    return (len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id()
+            and not can_grow())
+
+
 def can_grow() -> bool:
     """Whether anything can add nodes to the connected cluster (an autoscaler)."""
     return max_cluster_resources() is not None or autoscaler_reports(_autoscaler_status())

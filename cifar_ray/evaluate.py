@@ -2,8 +2,8 @@
 
     cifar-ray evaluate results/smoke/checkpoint-p2-e000 --split test
 
-Used by `cifar-ray evaluate`, by `inspect --plots` (no Ray at all) and, as a Ray task on a
-worker's resources, by the end of a run and of a sweep (train.evaluate_remote).
+Used by `cifar-ray evaluate`, by `inspect --plots` (no Ray at all) and, with a worker's
+resources, by the end of a run and of a sweep (train.evaluate_on_a_worker).
 """
 
 from __future__ import annotations

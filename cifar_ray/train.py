@@ -386,8 +386,12 @@ def no_room_to_restart(cfg: TrainConfig) -> cluster.ResourceError:
         f"Run the same command again once the cluster has room: it resumes from {where}.")
 
 
-def evaluate_remote(ckpt_uri: str, cfg: TrainConfig, split: str) -> dict:
-    """evaluate_checkpoint as a Ray task with one worker's resources (its GPU, if any)."""
+def evaluate_on_a_worker(ckpt_uri: str, cfg: TrainConfig, split: str) -> dict:
+    """evaluate_checkpoint with one worker's resources: a Ray task that asks for them (its
+    GPU, if any); in this process where the cluster is this machine alone and no GPU is
+    asked for, where such a task would only add a process start (~4 s: torch's import)."""
+    if not cfg.use_gpu and cluster.this_machine_only():
+        return evaluate_checkpoint(ckpt_uri, cfg, split)
     task = ray.remote(evaluate_checkpoint).options(
         num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker if cfg.use_gpu else 0,
         runtime_env=cluster.worker_env())
@@ -404,7 +408,7 @@ def score_best(run_uri: str, cfg: TrainConfig, manifest: dict, rows: list[dict],
                            + (f" of phase {phase}" if phase else "") + " to evaluate")
     row, ckpt_uri = best
     return runs.evaluated(row, ckpt_uri,
-                          evaluate_remote(ckpt_uri, cfg, runs.evaluation_split(manifest)))
+                          evaluate_on_a_worker(ckpt_uri, cfg, runs.evaluation_split(manifest)))
 
 
 def run_and_evaluate(cfg: TrainConfig, manifest: dict, clock: timeline.Clock) -> dict:
