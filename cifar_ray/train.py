@@ -389,7 +389,7 @@ def no_room_to_restart(cfg: TrainConfig) -> cluster.ResourceError:
 def evaluate_on_a_worker(ckpt_uri: str, cfg: TrainConfig, split: str) -> dict:
     """evaluate_checkpoint with one worker's resources: a Ray task that asks for them (its
     GPU, if any); in this process where the cluster is this machine alone and no GPU is
-    asked for, where such a task would only add a process start (~4 s: torch's import)."""
+    asked for, where such a task would only add a process start (and its torch import)."""
     if not cfg.use_gpu and cluster.this_machine_only():
         return evaluate_checkpoint(ckpt_uri, cfg, split)
     task = ray.remote(evaluate_checkpoint).options(

@@ -267,8 +267,8 @@ def test_a_placement_group_left_by_a_killed_driver_is_removed_by_the_next_job(no
     the two, which then holds its resources until the cluster stops (seen after a killed
     sweep driver: the next job could not place its workers). The next job's connect
     (cluster.remove_orphaned_placement_groups) removes it, and its CPUs are free again. The
-    race is Ray's (about one killed driver in two leaks here): drivers are killed until one
-    leaks, ten at most. Last in the module: Ray also leaks a sliver of CPU without any group
+    race is Ray's (not every killed driver leaks): drivers are killed until one leaks, ten at
+    most. Last in the module: Ray also leaks a sliver of CPU without any group
     now and then after such a kill (its raylet's accounting), which would keep the runs
     above from placing a whole-CPU worker."""
     import ray
@@ -295,7 +295,7 @@ def test_a_placement_group_left_by_a_killed_driver_is_removed_by_the_next_job(no
             filters=[("class_name", "=", "Placer")], limit=1000)), 120, "the actors' end")
         return cluster.orphaned_placement_groups(live(), list_jobs(limit=10_000))
 
-    (tmp_path / "placer.py").write_text(PLACER)  # a file: Ray cancels a `python -c` actor
+    (tmp_path / "placer.py").write_text(PLACER)
     killed, orphans = 0, []
     while not orphans:
         if killed == 10:
