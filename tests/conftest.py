@@ -256,6 +256,14 @@ def kill_node(raylet: int) -> None:
             pass
 
 
+def evaluation_tasks() -> list:
+    """The Ray tasks of the connected instance that evaluated a checkpoint (a run's final
+    evaluation when it does not run in the driver: train.evaluate_on_a_worker)."""
+    from ray.util.state import list_tasks
+
+    return list_tasks(filters=[("func_or_class_name", "=", "evaluate_checkpoint")])
+
+
 def copy_tracked_files(root: Path) -> Path:
     """The repository's tracked files copied under `root`, as a fresh clone has them
     (whatever else this checkout has lying around): what a job's --working-dir ships."""

@@ -17,7 +17,14 @@ import sys
 import time
 
 import pytest
-from conftest import fit_in_thread, free_port, hosts_train_worker, kill_node, wait_until
+from conftest import (
+    evaluation_tasks,
+    fit_in_thread,
+    free_port,
+    hosts_train_worker,
+    kill_node,
+    wait_until,
+)
 
 from cifar_ray import checkpoint, cluster, ray_internals, runs, storage
 from cifar_ray.config import PhaseConfig, TrainConfig
@@ -147,9 +154,7 @@ def test_a_preemption_notice_checkpoints_at_once_and_the_run_resumes_from_that_s
     assert (restored[0]["phase"], restored[0]["epoch"], restored[0]["step"]) >= progress
     assert final[1]["restored_from"] == restored[0]
     # A cluster of several nodes: the final evaluation ran as a task with a worker's resources.
-    from ray.util.state import list_tasks
-    assert not cluster.this_machine_only()
-    assert list_tasks(filters=[("func_or_class_name", "=", "evaluate_checkpoint")])
+    assert not cluster.this_machine_only() and evaluation_tasks()
 
 
 def test_a_lost_node_stops_a_fixed_run_and_an_elastic_one_goes_on_and_grows_back(

@@ -26,6 +26,7 @@ from conftest import (
     FAKE_MLFLOW_PASSWORD,
     FAKE_SECRET,
     descendants,
+    evaluation_tasks,
     fit_in_thread,
     listeners,
     s3_keys,
@@ -86,12 +87,6 @@ def test_a_local_instance_starts_no_worker_ahead_and_reports_no_usage():
     assert not ray_internals.usage_stats_enabled()
 
 
-def _evaluation_tasks() -> list:
-    from ray.util.state import list_tasks
-
-    return list_tasks(filters=[("func_or_class_name", "=", "evaluate_checkpoint")])
-
-
 def test_run_on_s3_writes_checkpoints_metrics_weights_and_result_and_tracks_it_in_mlflow(
         s3_data, bucket, mlflow_server, capfd, caplog):
     # Plain SGD in phase 2: no optimizer state, so the smallest checkpoint to upload and scan.
@@ -135,7 +130,7 @@ def test_run_on_s3_writes_checkpoints_metrics_weights_and_result_and_tracks_it_i
     assert [(r["phase"], r["epoch"]) for r in rows] == [(1, 0), (2, 0)]
     assert summary["evaluated_split"] == "test" and 0 <= summary["evaluated_acc"] <= 1
     # On a one-machine instance the driver evaluates itself: no task (and process) for it.
-    assert cluster.this_machine_only() and not _evaluation_tasks()
+    assert cluster.this_machine_only() and not evaluation_tasks()
     # The last epoch's weights are its checkpoint's: not written a second time.
     assert summary["final_checkpoint"] == f"s3://{bucket}/runs/r1/checkpoint-p2-e000"
     assert not [k for k in keys if k.endswith("model_final.pt")]
