@@ -282,9 +282,6 @@ def test_a_placement_group_left_by_a_killed_driver_is_removed_by_the_next_job(no
     def groups(**kw) -> list:
         return list_placement_groups(limit=10_000, **kw)
 
-    def live() -> list:
-        return [g for g in groups(detail=True) if g.state in cluster.LIVE_PG_STATES]
-
     def kill_a_placing_driver() -> list:
         """Start a PLACER driver, kill it by pid once it places groups: the orphans."""
         ours = ray.get_runtime_context().get_job_id()
@@ -298,7 +295,7 @@ def test_a_placement_group_left_by_a_killed_driver_is_removed_by_the_next_job(no
         # Ray's to have removed: an orphan.
         wait_until(lambda: all(a.state == "DEAD" for a in list_actors(
             filters=[("class_name", "=", "Placer")], limit=1000)), 120, "the actors' end")
-        return cluster.orphaned_placement_groups(live(), list_jobs(limit=10_000))
+        return cluster.orphaned_placement_groups(groups(detail=True), list_jobs(limit=10_000))
 
     (tmp_path / "placer.py").write_text(PLACER)
     killed, orphans = 0, []
@@ -313,6 +310,6 @@ def test_a_placement_group_left_by_a_killed_driver_is_removed_by_the_next_job(no
     free = ray.available_resources().get("CPU", 0)
     assert cluster.remove_orphaned_placement_groups() == len(orphans)
     assert f"removed placement group {orphans[0].placement_group_id}" in caplog.text
-    assert not cluster.orphaned_placement_groups(live(), list_jobs(limit=10_000))
+    assert not cluster.orphaned_placement_groups(groups(detail=True), list_jobs(limit=10_000))
     wait_until(lambda: ray.available_resources().get("CPU", 0) >= free + held - 1e-9, 60,
                "the CPUs the orphans held")

@@ -37,6 +37,18 @@ def retry_s():
         yield lambda seconds: stack.enter_context(storage.retries(seconds))
 
 
+def _on_thread(got: dict, name: str, fn) -> threading.Thread:
+    """fn() on a thread of its own, started, with a 120-s retry window (the window is per
+    thread): its result goes into got[name]."""
+    def target():
+        with storage.retries(120):
+            got[name] = fn()
+
+    t = threading.Thread(target=target)
+    t.start()
+    return t
+
+
 def test_writes_and_reads_ride_out_an_outage(bucket, s3_proxy, caplog):
     """A write, a read and a listing side by side, each on a thread of its own, while every
     connection is reset: storage stays cut until the write and the read have both given up
@@ -45,20 +57,12 @@ def test_writes_and_reads_ride_out_an_outage(bucket, s3_proxy, caplog):
     result = _uri(bucket, s3_proxy, "runs/a/result.json")
     storage.write_bytes(uri, b"epoch 1")
     got = {}
-
-    def run(name: str, fn) -> threading.Thread:
-        def target():
-            with storage.retries(120):
-                got[name] = fn()
-        t = threading.Thread(target=target)
-        t.start()
-        return t
-
     s3_proxy.cut()
     try:
-        threads = [run("write", lambda: storage.write_bytes(result, b"{}")),
-                   run("read", lambda: storage.read_bytes(uri)),
-                   run("list", lambda: storage.list_dir(_uri(bucket, s3_proxy, "runs/a")))]
+        threads = [_on_thread(got, "write", lambda: storage.write_bytes(result, b"{}")),
+                   _on_thread(got, "read", lambda: storage.read_bytes(uri)),
+                   _on_thread(got, "list",
+                              lambda: storage.list_dir(_uri(bucket, s3_proxy, "runs/a")))]
         wait_until(lambda: "write failed" in caplog.text and "read failed" in caplog.text,
                    120, "a write and a read retrying through the outage")
     finally:
@@ -127,12 +131,7 @@ def test_a_checkpoint_cut_after_its_first_object_is_never_loaded(bucket, s3_prox
     # completes and loads.
     caplog.clear()
     s3_proxy.cut()
-    def upload():
-        with storage.retries(120):
-            checkpoint.upload_dir(d, fs, path, local=False)
-
-    thread = threading.Thread(target=upload)
-    thread.start()
+    thread = _on_thread({}, "upload", lambda: checkpoint.upload_dir(d, fs, path, local=False))
     try:
         wait_until(lambda: "write failed" in caplog.text, 120, "the upload retrying")
     finally:
