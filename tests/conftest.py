@@ -3,6 +3,10 @@ the test tiers; `require` for outside resources.
 
     python -m pytest -q -m fast     # fast tier: no Ray, no S3 server, no browser, no shared data
     python -m pytest -q             # the whole suite
+    python -m pytest -q -n 0 -s     # in one process, showing what the tests print
+
+Two processes (pytest-xdist, pyproject.toml's addopts): the tests that start Ray run one after
+another in one of them (RAY_GROUP), everything else beside them in the other.
 
 The servers (S3, MLflow) are started by the first test that needs them, shared by the rest
 of the session and stopped at its end: nothing outlives the session. One local Ray instance at
@@ -71,6 +75,12 @@ HEAVY_FIXTURES = {
 }
 # Markers that make a test heavy by themselves (for tests that start Ray in a subprocess).
 HEAVY_MARKERS = {"ray": "starts Ray (the `ray` marker)"}
+# The fixtures that start Ray. The suite runs in two processes (pytest-xdist, pyproject's
+# addopts): every test that starts Ray, by a fixture or its `ray` marker, goes to the one
+# group RAY_GROUP, which runs one after another in a single process (one Ray instance at a
+# time); everything else runs beside it in the other.
+RAY_FIXTURES = {"ray_local", "_shared_ray", "two_gpus", "nodes", "head", "autoscaling"}
+RAY_GROUP = "ray"
 # Process names a fast test must never leave running (pgrep -f patterns, in effect).
 HEAVY_PROCESSES = ("raylet", "gcs_server", "moto", "chromium", "chromedriver", "mlflow")
 
@@ -83,11 +93,37 @@ def heavy_reasons(fixturenames, marker_names) -> list[str]:
             [f"@{m}: {HEAVY_MARKERS[m]}" for m in marker_names if m in HEAVY_MARKERS])
 
 
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # one of the two processes of pytest-xdist
+        import torch
+
+        # torch sizes its thread pool to the machine's cores in every process: two of them
+        # side by side ran the fast tier at 150 s instead of 89 (their threads spinning on
+        # each other's cores). Half the cores each.
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+
+
+# Why the Ray tests cannot run here, if they cannot (see pytest_collection_finish).
+UNGROUPED: list[str] = []
+
+
+def pytest_collection_finish(session):
+    """In a process of pytest-xdist: the Ray tests must have their group, or two Ray
+    instances would run side by side; each of them fails at once, saying why, if not."""
+    config = session.config
+    if hasattr(config, "workerinput") and config.getvalue("loadgroup"):
+        UNGROUPED[:] = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group")
+                        and not i.nodeid.endswith("@" + RAY_GROUP)]
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m selects on the marker
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if not heavy_reasons(item.fixturenames, {m.name for m in item.iter_markers()}):
+        markers = {m.name for m in item.iter_markers()}
+        if not heavy_reasons(item.fixturenames, markers):
             item.add_marker(pytest.mark.fast)
+        if "ray" in markers or RAY_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
     # Whole modules in an order of their own (a module's tests keep theirs: its fixtures are
     # set up once), stable within a rank.
     modules: dict[str, list] = {}
@@ -470,6 +506,11 @@ RAY_SLOT = RaySlot()
 
 @pytest.hookimpl(tryfirst=True)  # before any fixture of the test is set up
 def pytest_runtest_setup(item):
+    if UNGROUPED and item.get_closest_marker("xdist_group"):
+        pytest.fail(f"pytest-xdist left the Ray tests out of their group: pytest "
+                    f"{pytest.__version__} with this pytest-xdist does not group tests "
+                    "(pytest-xdist#1386). Install the versions pyproject.toml's dev extra "
+                    "asks for, or run in one process: -n 0", pytrace=False)
     if item.get_closest_marker("ray") and "ray_local" not in item.fixturenames:
         RAY_SLOT.stop()
 

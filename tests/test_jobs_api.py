@@ -269,7 +269,7 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_what_finished(
     status = head.wait(job, 1200, on_poll=sample)
     logs = head.client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    with capsys.disabled():  # a figure for the fault table (pytest -s shows it)
+    with capsys.disabled():  # a figure for the fault table (pytest -n 0 -s shows it)
         print(f"FAULT sweep driver killed: the resubmitted sweep finished "
               f"{time.monotonic() - submitted:.1f} s after its submission")
     assert "best trial trial-" in logs

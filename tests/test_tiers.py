@@ -1,6 +1,7 @@
 """The test tiers stay what they say: the fast tier (`python -m pytest -q -m fast`) holds no
-test that starts Ray, an S3 server, a browser or reads the shared data; `require` skips on a
-laptop and fails in CI.
+test that starts Ray, an S3 server, a browser or reads the shared data; every test that starts
+Ray is in the one xdist group that runs in a single process; `require` skips on a laptop and
+fails in CI.
 
     python -m pytest -q tests/test_tiers.py
 
@@ -20,7 +21,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import HEAVY_FIXTURES, HEAVY_MARKERS, require
+from conftest import HEAVY_FIXTURES, HEAVY_MARKERS, RAY_FIXTURES, require
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,8 +82,8 @@ def collected(tmp_path_factory) -> list[dict]:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(root),
                                                        os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "fast",
-                           "-p", "tiers_dump", "-p", "no:cacheprovider"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                           "-n", "0", "-p", "tiers_dump", "-p", "no:cacheprovider"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(dump.read_text())
 
@@ -99,6 +100,16 @@ def test_the_fast_tier_selects_exactly_the_tests_with_no_heavy_fixture_or_marker
     assert not any(r["nodeid"].startswith(("tests/test_train_ray.py", "tests/test_jobs_api.py",
                                            "tests/test_tune_ray.py")) for r in collected
                    if r["selected"])
+
+
+def test_the_tests_that_start_ray_run_one_after_another_in_one_process(collected):
+    # The suite runs in two processes (pyproject's addopts): the tests of the xdist group run
+    # in one of them, one at a time; two Ray instances side by side would confuse Train V2.
+    starts_ray = {r["nodeid"] for r in collected
+                  if set(r["fixtures"]) & RAY_FIXTURES or "ray" in r["markers"]}
+    grouped = {r["nodeid"] for r in collected if "xdist_group" in r["markers"]}
+    assert starts_ray == grouped and len(grouped) >= 20
+    assert not grouped & {r["nodeid"] for r in collected if r["selected"]}
 
 
 def test_every_fixture_that_starts_a_server_or_reads_the_shared_data_is_listed_as_heavy(

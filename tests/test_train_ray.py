@@ -257,7 +257,7 @@ def test_training_goes_on_while_a_checkpoint_upload_rides_out_a_storage_outage(
                        s3_keys(bucket, "runs/outage/"))
     finally:
         s3_proxy.restore()
-    with capfd.disabled():  # a figure for the fault table (pytest -s shows it)
+    with capfd.disabled():  # a figure for the fault table (pytest -n 0 -s shows it)
         print(f"FAULT storage outage of {time.monotonic() - cut:.0f} s during an upload: "
               f"training went on through it")
     t.join(timeout=1200)
