@@ -141,8 +141,9 @@ def _autoscaling_config(gcs_address: str) -> dict:
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
             **NODE_TYPES},
         "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0,
-        # Long enough for Train to place its workers after the wait; short for a test.
-        "idle_timeout_minutes": 0.5, "docker": {}, "initialization_commands": [],
+        # Short for a test: a node is never idle-terminated while a pending placement (a
+        # restart waiting for its replacement) or Train's resource request needs it.
+        "idle_timeout_minutes": 0.2, "docker": {}, "initialization_commands": [],
         "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
         "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {},
         "cluster_synced_files": [], "file_mounts_sync_continuously": False,
@@ -324,7 +325,7 @@ def test_a_job_on_an_empty_cluster_waits_trains_through_a_lost_node_and_leaves_n
           f"replacement joined {replaced['at'] - killed:.1f} s -> training again "
           f"{starts[1] - killed:.1f} s after the kill (first epoch stored "
           f"{after[0]['finished_at'] - killed:.1f} s after)")
-    # Idle nodes go (idle_timeout_minutes 0.5): only the head's raylet is left.
+    # Idle nodes go (idle_timeout_minutes 0.2): only the head's raylet is left.
     ended = time.time()
     wait_until(lambda: len(_raylets(head)) == 1, 300, "the idle nodes to be released")
     print(f"AUTOSCALER idle nodes released {time.time() - ended:.1f} s after the job ended")
