@@ -172,6 +172,7 @@ def _resume_on_two_ranks(rank: int, port: int, cfg, jit: dict, out: str) -> None
     the data, the loop resumed from `jit`; rank 0 saves the history to `out`."""
     import torch.distributed as dist
 
+    torch.set_num_threads(1)  # as a Train worker does with --cpus-per-worker 1 (train.py)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
     try:
