@@ -308,8 +308,11 @@ def test_a_placement_group_left_by_a_killed_driver_is_removed_by_the_next_job(no
     print(f"FAULT killed driver: {len(orphans)} placement group(s) left holding {held:g} CPU "
           f"(killed drivers: {killed})")
     free = ray.available_resources().get("CPU", 0)
-    assert cluster.remove_orphaned_placement_groups() == len(orphans)
-    assert f"removed placement group {orphans[0].placement_group_id}" in caplog.text
+    # At least those: the same race can register one more of the killed job's groups after
+    # the listing above (seen once: 2 removed for 1 listed).
+    assert cluster.remove_orphaned_placement_groups() >= len(orphans)
+    for group in orphans:
+        assert f"removed placement group {group.placement_group_id}" in caplog.text
     assert not cluster.orphaned_placement_groups(groups(detail=True), list_jobs(limit=10_000))
     wait_until(lambda: ray.available_resources().get("CPU", 0) >= free + held - 1e-9, 60,
                "the CPUs the orphans held")
