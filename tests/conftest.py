@@ -103,7 +103,7 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
 
-# Why the Ray tests cannot run here, if they cannot (see pytest_collection_finish).
+# The Ray tests pytest-xdist left out of their group in this process (pytest_collection_finish).
 UNGROUPED: list[str] = []
 
 
