@@ -103,17 +103,13 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
 
-# The Ray tests pytest-xdist left out of their group in this process (pytest_collection_finish).
-UNGROUPED: list[str] = []
-
-
-def pytest_collection_finish(session):
-    """In a process of pytest-xdist: the Ray tests must have their group, or two Ray
-    instances would run side by side; each of them fails at once, saying why, if not."""
-    config = session.config
-    if hasattr(config, "workerinput") and config.getvalue("loadgroup"):
-        UNGROUPED[:] = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group")
-                        and not i.nodeid.endswith("@" + RAY_GROUP)]
+def _out_of_its_group(item) -> bool:
+    """A Ray test that pytest-xdist did not put in RAY_GROUP (its node id carries the group
+    once it has one): it would run beside another Ray instance."""
+    config = item.config
+    return bool(hasattr(config, "workerinput") and config.getvalue("loadgroup")
+                and item.get_closest_marker("xdist_group")
+                and not item.nodeid.endswith("@" + RAY_GROUP))
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects on the marker
@@ -506,7 +502,7 @@ RAY_SLOT = RaySlot()
 
 @pytest.hookimpl(tryfirst=True)  # before any fixture of the test is set up
 def pytest_runtest_setup(item):
-    if UNGROUPED and item.get_closest_marker("xdist_group"):
+    if _out_of_its_group(item):
         pytest.fail(f"pytest-xdist left the Ray tests out of their group: pytest "
                     f"{pytest.__version__} with this pytest-xdist does not group tests "
                     "(pytest-xdist#1386). Install the versions pyproject.toml's dev extra "
